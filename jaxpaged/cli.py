@@ -1,0 +1,127 @@
+"""`jaxpaged` command line: generate, chat.
+
+Engine flags are generated from EngineConfig's fields and named like vLLM's (`--max-model-len`).
+Errors reach the user as one line, never a traceback.
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+
+from jaxpaged.config import EngineConfig
+
+_FLAG_HELP = {
+    "model": "HF directory, .gguf file or Hub name (default: the embedded SmolLM2-135M-Instruct)",
+    "dtype": "auto (float32 on CPU, bfloat16 on accelerators), float32, bfloat16, float16",
+    "attention_backend": "auto, reference or pallas",
+}
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field: --max-num-seqs, --page-size, ..."""
+    for field in dataclasses.fields(EngineConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = next((t for t in (int, float) if t in (field.type, *typing.get_args(field.type))), str)
+        if field.name == "token_buckets":
+            parser.add_argument(flag, type=int, nargs="+", default=None, help="compiled token buckets")
+            continue
+        parser.add_argument(flag, type=kind, default=field.default,
+                            help=_FLAG_HELP.get(field.name, f"(default: {field.default})"))
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    if values["token_buckets"] is not None:
+        values["token_buckets"] = tuple(values["token_buckets"])
+    return values
+
+
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+
+
+def _sampling_params(args):
+    from jaxpaged.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k)
+
+
+def _make_llm(args):
+    from jaxpaged.llm import LLM
+
+    kwargs = engine_kwargs(args)
+    return LLM(kwargs.pop("model"), **kwargs)
+
+
+def cmd_generate(args) -> int:
+    params = _sampling_params(args)
+    llm = _make_llm(args)
+    if args.raw:
+        output = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    else:
+        output = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+    print(output.outputs[0].text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = _sampling_params(args)
+    llm = _make_llm(args)
+    conversation = []
+    if args.system:
+        conversation.append({"role": "system", "content": args.system})
+    print("Chatting with the model; an empty line or Ctrl-D ends the session.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            return 0
+        conversation.append({"role": "user", "content": line})
+        reply = llm.chat(conversation, params, use_tqdm=False)[0].outputs[0].text
+        print(f"model> {reply}", flush=True)
+        conversation.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="complete one prompt and print the text")
+    generate.add_argument("prompt")
+    generate.add_argument("--raw", action="store_true",
+                          help="send the prompt as plain text instead of a chat message")
+    _sampling_flags(generate)
+    add_engine_flags(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat in the terminal")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _sampling_flags(chat)
+    add_engine_flags(chat)
+    chat.set_defaults(handler=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("JAXPAGED_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"jaxpaged: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

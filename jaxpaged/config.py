@@ -1,0 +1,179 @@
+"""The model and engine configs: small, frozen, validated with messages a user can act on.
+
+Host-side: no JAX here.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_BACKENDS = ("auto", "reference", "pallas")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture facts the forward pass needs, read from a Hugging Face config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs; hashable
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2/2.5
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rope
+    sliding_window: int | None = None
+    torch_dtype: str = "float32"  # dtype the checkpoint was saved in
+
+    @classmethod
+    def from_hf_config(cls, hf: Any) -> "ModelConfig":
+        """Reads a transformers PretrainedConfig (or a plain dict from config.json)."""
+        get = hf.get if isinstance(hf, dict) else lambda k, d=None: getattr(hf, k, d)
+        model_type = get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model type {model_type!r}; jaxpaged supports: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        num_q_heads = get("num_attention_heads")
+        head_dim = get("head_dim") or get("hidden_size") // num_q_heads
+        # transformers 5 keeps rope settings in `rope_parameters`; older configs use
+        # `rope_theta` + `rope_scaling`.
+        rope = dict(get("rope_parameters") or {})
+        legacy = get("rope_scaling") or {}
+        if not rope:
+            rope = dict(legacy)
+        rope_theta = float(rope.pop("rope_theta", None) or get("rope_theta", 10000.0))
+        rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope scaling {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        rope_scaling = () if rope_type == "default" else (("rope_type", rope_type),) + tuple(
+            sorted((k, v) for k, v in rope.items() if isinstance(v, (int, float, str)))
+        )
+        use_sliding = get("use_sliding_window", model_type == "mistral")
+        sliding_window = get("sliding_window") if use_sliding else None
+        dtype = get("dtype") or (hf.get("torch_dtype") if isinstance(hf, dict) else None) or "float32"
+        return cls(
+            model_type=model_type,
+            vocab_size=get("vocab_size"),
+            hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"),
+            num_layers=get("num_hidden_layers"),
+            num_q_heads=num_q_heads,
+            num_kv_heads=get("num_key_value_heads") or num_q_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=get("max_position_embeddings") or 4096,
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding_window,
+            torch_dtype=str(dtype).replace("torch.", ""),
+        )
+
+    def __post_init__(self):
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_q_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine knobs, named like vLLM's so users can switch."""
+
+    model: str | None = None  # None: the embedded default, SmolLM2-135M-Instruct
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    page_size: int = 16
+    num_pages: int | None = None  # None: sized from the memory budget
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget (wins over utilization)
+    attention_backend: str = "auto"
+    seed: int = 0
+    token_buckets: tuple[int, ...] | None = None  # None: powers of two up to the token budget
+
+    def __post_init__(self):
+        def positive(name):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size",
+                     "num_pages", "kv_cache_memory_bytes"):
+            positive(name)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                f"got {self.attention_backend!r}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode"
+            )
+        if self.token_buckets is not None:
+            if sorted(set(self.token_buckets)) != list(self.token_buckets) or not self.token_buckets:
+                raise ValueError("token_buckets must be a non-empty increasing list")
+            if self.token_buckets[-1] < self.max_num_batched_tokens:
+                raise ValueError("the largest token bucket must be >= max_num_batched_tokens")
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    def resolved_token_buckets(self) -> tuple[int, ...]:
+        """Few buckets: powers of two from 16 up to the token budget (which is always one)."""
+        if self.token_buckets is not None:
+            return tuple(self.token_buckets)
+        buckets, size = [], 16
+        while size < self.max_num_batched_tokens:
+            buckets.append(size)
+            size *= 2
+        return tuple(buckets) + (self.max_num_batched_tokens,)
+
+    def pages_per_seq(self, max_model_len: int) -> int:
+        return math.ceil(max_model_len / self.page_size)
+
+
+def pick_bucket(buckets: tuple[int, ...], n: int) -> int:
+    for size in buckets:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} tokens exceed the largest bucket {buckets[-1]}")
+
+
+@dataclass(frozen=True)
+class ResolvedLimits:
+    """Numbers fixed once the model and memory are known."""
+
+    max_model_len: int
+    num_pages: int
+    pages_per_seq: int
+    extra: dict = field(default_factory=dict)

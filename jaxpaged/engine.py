@@ -1,0 +1,219 @@
+"""The engine: request in, tokens out, one `step()` at a time.
+
+    request ─► tokenizer ─► Scheduler.schedule() ─► StepInputs (padded to a bucket)
+            ─► runner.execute (forward on pages + sampling, one jit each) ─► token ids
+            ─► Scheduler.update ─► detokenize, stop strings ─► RequestOutput
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.config import EngineConfig, ModelConfig, pick_bucket
+from jaxpaged.detokenizer import IncrementalDetokenizer
+from jaxpaged.model_source import resolve_model
+from jaxpaged.models.params import load_params
+from jaxpaged.pages import PageManager
+from jaxpaged.request import CompletionOutput, Request, RequestOutput
+from jaxpaged.runner import ModelRunner, device_kv_budget, kv_bytes_per_page
+from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.scheduler import ScheduledBatch, Scheduler
+from jaxpaged.step_inputs import build_step_inputs
+
+logger = logging.getLogger("jaxpaged")
+
+CPU_KV_BUDGET_BYTES = 1 << 30  # default KV cache on CPU, where the device can't report memory
+
+
+@dataclass
+class RequestGroup:
+    """One user request: `n` sequences sampled from the same prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.sequences)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.source = resolve_model(config.model)
+        self.model_config = ModelConfig.from_hf_config(self.source.hf_config())
+        self.tokenizer = self.source.tokenizer()
+        self.generation_defaults = self.source.generation_config()
+        self.dtype = resolve_dtype(config.dtype)
+        self.params = load_params(self.model_config, self.source.weights(), self.dtype)
+
+        model_len = self.model_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or model_len
+        if self.max_model_len > model_len:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({model_len})")
+        self.token_buckets = config.resolved_token_buckets()
+        self.pages_per_seq = config.pages_per_seq(self.max_model_len)
+        num_pages = self._num_pages()
+        self.pages = PageManager(num_pages, config.page_size)
+        self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_model_len=self.max_model_len)
+        self.runner = ModelRunner(
+            self.model_config, self.params, num_pages=num_pages, page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs, pages_per_seq=self.pages_per_seq,
+            max_model_len=self.max_model_len, token_buckets=self.token_buckets,
+            attention_backend=config.attention_backend, kv_dtype=self.dtype)
+        self.eos_token_ids = self._eos_token_ids()
+        self.groups: dict[str, RequestGroup] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self.num_compiles, self.warmup_seconds = self.runner.warmup()
+        logger.info("warm-up compiled %d programs in %.1f s", self.num_compiles, self.warmup_seconds)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        num_prompt = len(prompt_token_ids)
+        max_tokens = params.max_tokens or max(self.max_model_len - num_prompt, 1)
+        sequences, detokenizers = [], []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**31))
+            sequences.append(Request(
+                request_id=f"{request_id}-{i}", prompt_token_ids=list(prompt_token_ids),
+                params=params, seed=seed, eos_token_ids=self.eos_token_ids, max_tokens=max_tokens))
+            detokenizers.append(IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+                stop_strings=params.stop_strings,
+                include_stop_str_in_output=params.include_stop_str_in_output))
+        for i, seq in enumerate(sequences):
+            try:
+                self.scheduler.add(seq)
+            except ValueError:
+                for added in sequences[:i]:
+                    self.scheduler.finish(added, "abort")
+                raise
+        self.groups[request_id] = RequestGroup(request_id, prompt, list(prompt_token_ids),
+                                               sequences, detokenizers)
+
+    def abort(self, request_id: str) -> None:
+        """Ends a request wherever it is, freeing its pages at once."""
+        group = self.groups.pop(request_id, None)
+        for seq in group.sequences if group else ():
+            self.scheduler.finish(seq, "abort")
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        penalties = any(r.params.uses_penalties for r in batch.requests)
+        inputs = build_step_inputs(
+            batch.requests, batch.num_new_tokens,
+            token_bucket=pick_bucket(self.token_buckets, batch.total_tokens),
+            max_num_seqs=self.config.max_num_seqs, pages_per_seq=self.pages_per_seq,
+            history_width=self.runner.history_width(penalties))
+        sampled = self.runner.execute(inputs, apply_penalties=penalties)
+        advanced = self.scheduler.update(batch, sampled.token_ids)
+        return self._postprocess(batch, advanced, sampled)
+
+    def _postprocess(self, batch: ScheduledBatch, advanced: list[Request], sampled) -> list[RequestOutput]:
+        rows = {id(r): i for i, r in enumerate(batch.requests)}
+        touched: dict[str, RequestGroup] = {}
+        for seq in advanced:
+            group_id, index = seq.request_id.rsplit("-", 1)
+            group = self.groups[group_id]
+            touched[group_id] = group
+            row, token = rows[id(seq)], seq.output_token_ids[-1]
+            if seq.params.logprobs is not None:
+                top = seq.params.logprobs
+                seq.logprobs.append((float(sampled.logprobs[row]),
+                                     list(zip(sampled.top_ids[row, :top].tolist(),
+                                              sampled.top_logprobs[row, :top].tolist()))))
+            if seq.finish_reason == "stop" and (isinstance(seq.stop_reason, int)
+                                                or seq.stop_reason is None):
+                continue  # EOS or a stop token id: not part of the text
+            stop = group.detokenizers[int(index)].add_token(token)
+            if stop is not None:
+                if seq.finished:  # also hit max_tokens: the stop string still wins
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                else:
+                    self.scheduler.finish(seq, "stop", stop)
+        outputs = [self._output(group) for group in touched.values()]
+        for group in touched.values():
+            if group.finished:
+                del self.groups[group.request_id]
+        return outputs
+
+    def _output(self, group: RequestGroup) -> RequestOutput:
+        completions = []
+        for i, (seq, detok) in enumerate(zip(group.sequences, group.detokenizers)):
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = [{token: lp, **dict(top)}
+                            for token, (lp, top) in zip(seq.output_token_ids, seq.logprobs)]
+            completions.append(CompletionOutput(
+                index=i, text=detok.text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=sum(lp for lp, _ in seq.logprobs) if seq.logprobs else None,
+                logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
+                             group.finished)
+
+    # ---- set-up helpers ----------------------------------------------------------------------
+
+    def _num_pages(self) -> int:
+        config = self.config
+        if config.num_pages:
+            return config.num_pages
+        per_page = kv_bytes_per_page(self.model_config, config.page_size, jnp.dtype(self.dtype).itemsize)
+        budget = config.kv_cache_memory_bytes or device_kv_budget(self.params, config.gpu_memory_utilization)
+        if budget is None:  # CPU: enough for every sequence at full length, within a fixed budget
+            full = config.max_num_seqs * self.pages_per_seq * per_page
+            budget = min(full, CPU_KV_BUDGET_BYTES)
+        num_pages = budget // per_page
+        if num_pages < self.pages_per_seq:
+            raise ValueError(
+                f"the KV cache budget ({budget / 2**20:.0f} MiB) holds {num_pages} pages, fewer than "
+                f"one sequence of max_model_len={self.max_model_len} needs ({self.pages_per_seq}); "
+                "lower max_model_len or raise the memory budget")
+        return int(num_pages)
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = self.generation_defaults.get("eos_token_id")
+        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache under the jaxpaged cache dir (set once per process)."""
+    from jaxpaged.model_source import cache_dir
+
+    if jax.config.jax_compilation_cache_dir is None:
+        path = os.environ.get("JAXPAGED_COMPILE_CACHE") or str(cache_dir() / "xla")
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

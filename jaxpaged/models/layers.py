@@ -1,0 +1,55 @@
+"""Layers shared by every model family: RMSNorm, rotary embeddings, the SwiGLU MLP."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm computed in float32, as Hugging Face does, then cast back."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2], with linear or Llama-3 scaling applied."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, blended, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(positions, inv_freq: np.ndarray):
+    """cos and sin tables [T, head_dim] for the given positions [T]."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotates x [T, H, D] by the half-split (GPT-NeoX / Hugging Face) convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[:, None, :] + rotated.astype(jnp.float32) * sin[:, None, :]
+    return out.astype(x.dtype)
+
+
+def swiglu_mlp(x, gate_proj, up_proj, down_proj):
+    return (jax.nn.silu(x @ gate_proj) * (x @ up_proj)) @ down_proj

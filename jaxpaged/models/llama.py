@@ -1,0 +1,58 @@
+"""The Llama family as a pure function: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and Qwen3.
+
+These share one decoder; the differences are config flags rather than code paths worth a file
+each: Qwen2 adds q/k/v biases, Qwen3 RMS-normalises q and k per head before rope, Mistral may use
+a sliding window, Llama 3.1+ scales rope frequencies.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.config import ModelConfig
+from jaxpaged.models.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
+from jaxpaged.step_inputs import AttentionMetadata
+
+# attention(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], kv_pages, metadata) -> (out [T,Hq,D], kv_pages)
+AttentionFn = Callable
+
+
+def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata, *,
+            config: ModelConfig, attention: AttentionFn):
+    """One step over a ragged batch: returns logits at each sequence's last token and the cache.
+
+    token_ids [T] int32; kv_pages: one array per layer in the attention backend's layout.
+    Returns (logits [S, vocab] float32, new kv_pages).
+    """
+    num_tokens = token_ids.shape[0]
+    hd, eps = config.head_dim, config.rms_norm_eps
+    inv_freq = rope_inv_freq(hd, config.rope_theta, dict(config.rope_scaling))
+    cos, sin = rope_cos_sin(metadata.positions, inv_freq)  # [T, hd] each
+
+    x = params["embed"][token_ids]  # [T, D]
+    new_pages = []
+    # A Python loop: the layers unroll over per-layer weights and per-layer donated caches, which
+    # XLA updates in place (a scan over stacked layers copies weights or caches every step).
+    for i, (layer, pages) in enumerate(zip(params["layers"], kv_pages)):
+        with jax.named_scope(f"layer_{i}"):
+            h = rms_norm(x, layer["input_norm"], eps)
+            q, k, v = h @ layer["q_proj"], h @ layer["k_proj"], h @ layer["v_proj"]
+            if config.qkv_bias:
+                q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
+            q = q.reshape(num_tokens, config.num_q_heads, hd)  # [T, Hq, hd]
+            k = k.reshape(num_tokens, config.num_kv_heads, hd)  # [T, Hkv, hd]
+            v = v.reshape(num_tokens, config.num_kv_heads, hd)  # [T, Hkv, hd]
+            if config.qk_norm:
+                q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            out, pages = attention(q, k, v, pages, metadata)  # [T, Hq, hd]
+            x = x + out.reshape(num_tokens, -1) @ layer["o_proj"]
+            h = rms_norm(x, layer["post_norm"], eps)
+            x = x + swiglu_mlp(h, layer["gate_proj"], layer["up_proj"], layer["down_proj"])
+        new_pages.append(pages)
+
+    x = rms_norm(x[metadata.logits_indices], params["final_norm"], eps)  # [S, D]
+    lm_head = params["lm_head"] if "lm_head" in params else params["embed"].T
+    logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)  # [S, vocab]
+    return logits, new_pages

@@ -1,0 +1,114 @@
+"""Parameter declarations and loading.
+
+Every leaf is declared once — shape, logical axes, and the Hugging Face tensor it comes from —
+and loading, random init and (later) sharding all derive from that declaration. Params are plain
+pytrees: {"embed", "layers": [dict per layer], "final_norm", optional "lm_head"}. Linear weights
+are stored [in, out] so the forward pass reads `x @ w`; HF stores [out, in], so they load transposed.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    logical_axes: tuple[str | None, ...]
+    hf_name: str
+    transpose: bool = False  # HF [out, in] -> ours [in, out]
+
+
+def param_specs(config: ModelConfig) -> dict:
+    """The params pytree with a ParamSpec at every leaf."""
+    d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
+    q_dim, kv_dim = config.num_q_heads * hd, config.num_kv_heads * hd
+
+    def linear(name, n_in, n_out, axes):
+        return ParamSpec((n_in, n_out), axes, f"{name}.weight", transpose=True)
+
+    layers = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        layer = {
+            "input_norm": ParamSpec((d,), ("embed",), p + "input_layernorm.weight"),
+            "q_proj": linear(p + "self_attn.q_proj", d, q_dim, ("embed", "q_heads")),
+            "k_proj": linear(p + "self_attn.k_proj", d, kv_dim, ("embed", "kv_heads")),
+            "v_proj": linear(p + "self_attn.v_proj", d, kv_dim, ("embed", "kv_heads")),
+            "o_proj": linear(p + "self_attn.o_proj", q_dim, d, ("q_heads", "embed")),
+            "post_norm": ParamSpec((d,), ("embed",), p + "post_attention_layernorm.weight"),
+            "gate_proj": linear(p + "mlp.gate_proj", d, f, ("embed", "mlp")),
+            "up_proj": linear(p + "mlp.up_proj", d, f, ("embed", "mlp")),
+            "down_proj": linear(p + "mlp.down_proj", f, d, ("mlp", "embed")),
+        }
+        if config.qkv_bias:
+            for name, width, axis in (("q", q_dim, "q_heads"), ("k", kv_dim, "kv_heads"),
+                                      ("v", kv_dim, "kv_heads")):
+                layer[f"{name}_bias"] = ParamSpec((width,), (axis,), p + f"self_attn.{name}_proj.bias")
+        if config.qk_norm:
+            layer["q_norm"] = ParamSpec((hd,), (None,), p + "self_attn.q_norm.weight")
+            layer["k_norm"] = ParamSpec((hd,), (None,), p + "self_attn.k_norm.weight")
+        layers.append(layer)
+
+    specs = {
+        "embed": ParamSpec((config.vocab_size, d), ("vocab", "embed"), "model.embed_tokens.weight"),
+        "layers": layers,
+        "final_norm": ParamSpec((d,), ("embed",), "model.norm.weight"),
+    }
+    if not config.tie_word_embeddings:
+        specs["lm_head"] = linear("lm_head", d, config.vocab_size, ("embed", "vocab"))
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def load_params(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], dtype) -> dict:
+    """Builds the params pytree from (HF name, array) pairs, checking every shape.
+
+    Tensors the model does not use (e.g. rotary caches, a tied lm_head copy) are skipped.
+    """
+    specs = param_specs(config)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    by_name = {spec.hf_name: i for i, spec in enumerate(leaves)}
+    loaded: list = [None] * len(leaves)
+    for name, array in weights:
+        i = by_name.get(name)
+        if i is None:
+            continue
+        spec = leaves[i]
+        array = np.asarray(array)
+        if spec.transpose:
+            array = array.T
+        if array.shape != spec.shape:
+            raise ValueError(
+                f"tensor {name} has shape {array.shape[::-1] if spec.transpose else array.shape}, "
+                f"expected {spec.shape[::-1] if spec.transpose else spec.shape} from the config"
+            )
+        loaded[i] = jnp.asarray(array.astype(np.float32) if array.dtype == np.float16 else array,
+                                dtype=dtype)
+    missing = [leaves[i].hf_name for i, value in enumerate(loaded) if value is None]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"the checkpoint is missing tensors the model needs: {shown}")
+    return jax.tree.unflatten(treedef, loaded)
+
+
+def random_params(config: ModelConfig, dtype, seed: int = 0) -> dict:
+    """Random weights of the right shapes (for benchmarks without downloads)."""
+    specs = param_specs(config)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    values = []
+    for key, spec in zip(keys, leaves):
+        if len(spec.shape) == 1 and spec.hf_name.endswith("norm.weight"):
+            values.append(jnp.ones(spec.shape, dtype))
+        else:
+            values.append((0.02 * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, values)

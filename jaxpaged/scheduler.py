@@ -1,0 +1,174 @@
+"""Continuous-batching scheduler: which requests run this step, and how many tokens each.
+
+Host-side, plain Python. Every step it fills a token budget (`max_num_batched_tokens`) under a
+sequence cap (`max_num_seqs`): running requests first (a decode token, or the next chunk of a
+prompt), then waiting requests in arrival order. When the page pool runs dry it preempts the newest
+running request by recompute: its pages are freed and it goes back to the front of the queue, to
+prefill its prompt plus what it had generated.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from jaxpaged.pages import PageManager
+from jaxpaged.request import Request, Status
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request]  # decodes first, then prefill chunks
+    num_new_tokens: list[int]  # tokens scheduled per request, aligned with `requests`
+    num_preempted: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, pages: PageManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
+        self.pages = pages
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # oldest first; the last is preempted first
+        self.num_preemptions = 0
+
+    # ---- admission and removal -------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        total = request.num_prompt_tokens + request.max_tokens
+        if request.num_prompt_tokens == 0:
+            raise ValueError("the prompt must contain at least one token")
+        if total > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the request "
+                f"asks for {total} ({request.num_prompt_tokens} in the prompt, "
+                f"{request.max_tokens} to generate)"
+            )
+        needed = self.pages.pages_needed(total, 0)
+        if needed > self.pages.num_pages:
+            raise ValueError(
+                f"the request needs {needed} KV-cache pages but the cache holds only "
+                f"{self.pages.num_pages}; lower max_tokens or give the cache more memory"
+            )
+        request.status = Status.WAITING
+        self.waiting.append(request)
+
+    def finish(self, request: Request, reason: str, stop_reason=None) -> None:
+        """Ends a request (stop, length or abort) wherever it is and frees its pages."""
+        if request.finished:
+            return
+        if request.status is Status.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        num_preempted = 0
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._grow(request, request.num_computed_tokens + n):
+                # Free pages by preempting the newest running request until this one fits.
+                victim = self.running[-1]
+                self._preempt(victim)
+                num_preempted += 1
+                if victim is request:
+                    break
+                continue
+            scheduled.append((request, n))
+            budget -= n
+            i += 1
+
+        # New requests only when nothing had to be preempted (they would just be evicted again).
+        while (self.waiting and budget > 0 and not num_preempted
+               and len(self.running) < self.max_num_seqs):
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._grow(request, request.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            scheduled.append((request, n))
+            budget -= n
+
+        # Decodes first, then prefill chunks: the layout the attention kernels expect.
+        scheduled.sort(key=lambda item: not self._is_decode(*item))
+        return ScheduledBatch([r for r, _ in scheduled], [n for _, n in scheduled], num_preempted)
+
+    def update(self, batch: ScheduledBatch, sampled_token_ids) -> list[Request]:
+        """Records the step's results; returns the requests that received a new token.
+
+        `sampled_token_ids[i]` belongs to `batch.requests[i]`; it is only real when that request's
+        chunk reached the end of its known tokens (a partial prefill chunk samples nothing).
+        """
+        advanced = []
+        for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            if request.finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += n
+            if request.num_computed_tokens < request.num_tokens:
+                continue
+            token = int(sampled_token_ids[i])
+            request.output_token_ids.append(token)
+            advanced.append(request)
+            self._check_token_stop(request, token)
+        return advanced
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_decode(request: Request, n: int) -> bool:
+        return n == 1 and request.num_computed_tokens == request.num_tokens - 1
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        needed = self.pages.pages_needed(num_tokens, len(request.page_ids))
+        if needed > self.pages.num_free_pages:
+            return False
+        request.page_ids.extend(self.pages.allocate(needed))
+        return True
+
+    def _release(self, request: Request) -> None:
+        self.pages.free(request.page_ids)
+        request.page_ids = []
+        request.num_computed_tokens = 0
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _check_token_stop(self, request: Request, token: int) -> None:
+        num_output = len(request.output_token_ids)
+        params = request.params
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return self.finish(request, "stop")
+            if token in params.stop_token_ids:
+                return self.finish(request, "stop", token)
+        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            self.finish(request, "length")

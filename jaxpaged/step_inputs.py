@@ -1,0 +1,114 @@
+"""What one engine step hands to the device: plain numpy arrays in NamedTuples.
+
+NamedTuples are pytrees to JAX without this module importing it, so the scheduler builds these on
+the host and the runner passes them straight through `jax.jit`. Every shape depends only on the
+token bucket T, `max_num_seqs` S, `pages_per_seq` and the history width W; per-sequence lengths and
+offsets are data.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class AttentionMetadata(NamedTuple):
+    """Where each scheduled token sits. Sequences i >= num_seqs[0] and tokens t >= cu_q_lens[num_seqs]
+    are padding: they write nothing into the cache and their outputs are ignored."""
+
+    positions: np.ndarray  # [T] int32, position of each token in its sequence
+    kv_lens: np.ndarray  # [S] int32, sequence length after this step (cached + new tokens)
+    page_indices: np.ndarray  # [S, pages_per_seq] int32, the sequence's pages in order
+    cu_q_lens: np.ndarray  # [S + 1] int32, token offsets of each sequence's queries
+    num_seqs: np.ndarray  # [1] int32
+    logits_indices: np.ndarray  # [S] int32, index of each sequence's last scheduled token
+
+
+class SamplingTensors(NamedTuple):
+    """Per-sequence sampling parameters, one row per sequence slot (padding rows are greedy)."""
+
+    temperature: np.ndarray  # [S] float32, 0 means greedy
+    top_k: np.ndarray  # [S] int32, 0 means off
+    top_p: np.ndarray  # [S] float32, 1 means off
+    min_p: np.ndarray  # [S] float32, 0 means off
+    presence_penalty: np.ndarray  # [S] float32
+    frequency_penalty: np.ndarray  # [S] float32
+    repetition_penalty: np.ndarray  # [S] float32, 1 means off
+    seeds: np.ndarray  # [S] uint32
+    steps: np.ndarray  # [S] int32, index of the token being generated (folds into the key)
+    token_history: np.ndarray  # [S, W] int32, prompt then output token ids, -1 padded
+    num_prompt_tokens: np.ndarray  # [S] int32, how many history entries are prompt
+
+
+class StepInputs(NamedTuple):
+    token_ids: np.ndarray  # [T] int32
+    attention: AttentionMetadata
+    sampling: SamplingTensors
+
+
+def empty_sampling_tensors(max_num_seqs: int, history_width: int) -> SamplingTensors:
+    s = max_num_seqs
+    return SamplingTensors(
+        temperature=np.zeros(s, np.float32),
+        top_k=np.zeros(s, np.int32),
+        top_p=np.ones(s, np.float32),
+        min_p=np.zeros(s, np.float32),
+        presence_penalty=np.zeros(s, np.float32),
+        frequency_penalty=np.zeros(s, np.float32),
+        repetition_penalty=np.ones(s, np.float32),
+        seeds=np.zeros(s, np.uint32),
+        steps=np.zeros(s, np.int32),
+        token_history=np.full((s, history_width), -1, np.int32),
+        num_prompt_tokens=np.zeros(s, np.int32),
+    )
+
+
+def build_step_inputs(requests, num_new_tokens, *, token_bucket: int, max_num_seqs: int,
+                      pages_per_seq: int, history_width: int) -> StepInputs:
+    """Pads a scheduled batch (host `Request`s and their token counts) to fixed shapes.
+
+    `history_width` is 1 when no request uses penalties (the history is then not read).
+    """
+    token_ids = np.zeros(token_bucket, np.int32)
+    positions = np.zeros(token_bucket, np.int32)
+    kv_lens = np.zeros(max_num_seqs, np.int32)
+    page_indices = np.zeros((max_num_seqs, pages_per_seq), np.int32)
+    cu_q_lens = np.zeros(max_num_seqs + 1, np.int32)
+    logits_indices = np.zeros(max_num_seqs, np.int32)
+    sampling = empty_sampling_tensors(max_num_seqs, history_width)
+
+    offset = 0
+    for i, (request, n) in enumerate(zip(requests, num_new_tokens)):
+        start = request.num_computed_tokens
+        token_ids[offset:offset + n] = request.all_token_ids[start:start + n]
+        positions[offset:offset + n] = np.arange(start, start + n)
+        kv_lens[i] = start + n
+        page_indices[i, :len(request.page_ids)] = request.page_ids
+        offset += n
+        cu_q_lens[i + 1] = offset
+        logits_indices[i] = offset - 1
+
+        params = request.params
+        sampling.temperature[i] = params.temperature
+        sampling.top_k[i] = params.top_k
+        sampling.top_p[i] = params.top_p
+        sampling.min_p[i] = params.min_p
+        sampling.presence_penalty[i] = params.presence_penalty
+        sampling.frequency_penalty[i] = params.frequency_penalty
+        sampling.repetition_penalty[i] = params.repetition_penalty
+        sampling.seeds[i] = request.seed & 0xFFFFFFFF
+        sampling.steps[i] = len(request.output_token_ids)
+        if history_width > 1:
+            history = request.all_token_ids
+            sampling.token_history[i, :len(history)] = history
+            sampling.num_prompt_tokens[i] = request.num_prompt_tokens
+    cu_q_lens[len(requests) + 1:] = offset
+
+    attention = AttentionMetadata(
+        positions=positions,
+        kv_lens=kv_lens,
+        page_indices=page_indices,
+        cu_q_lens=cu_q_lens,
+        num_seqs=np.array([len(requests)], np.int32),
+        logits_indices=logits_indices,
+    )
+    return StepInputs(token_ids=token_ids, attention=attention, sampling=sampling)
