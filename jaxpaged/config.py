@@ -5,7 +5,7 @@ Host-side: no JAX here.
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -64,6 +64,15 @@ class ModelConfig:
         rope_scaling = () if rope_type == "default" else (("rope_type", rope_type),) + tuple(
             sorted((k, v) for k, v in rope.items() if isinstance(v, (int, float, str)))
         )
+        # Options these families allow but jaxpaged does not implement: refuse rather than load a
+        # model that would silently compute something else.
+        if get("mlp_bias"):
+            raise ValueError("mlp_bias=True is not supported (no released Llama-family model uses it)")
+        if get("attention_bias") and model_type != "qwen2":
+            raise ValueError(f"attention_bias=True is not supported for {model_type} "
+                             "(only Qwen2's q/k/v biases are)")
+        if model_type == "qwen2" and get("use_sliding_window"):
+            raise ValueError("Qwen2 with use_sliding_window=True (per-layer windows) is not supported")
         use_sliding = get("use_sliding_window", model_type == "mistral")
         sliding_window = get("sliding_window") if use_sliding else None
         dtype = get("dtype") or (hf.get("torch_dtype") if isinstance(hf, dict) else None) or "float32"
@@ -81,7 +90,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=get("max_position_embeddings") or 4096,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
             sliding_window=sliding_window,
             torch_dtype=str(dtype).replace("torch.", ""),
@@ -167,13 +176,3 @@ def pick_bucket(buckets: tuple[int, ...], n: int) -> int:
         if size >= n:
             return size
     raise ValueError(f"{n} tokens exceed the largest bucket {buckets[-1]}")
-
-
-@dataclass(frozen=True)
-class ResolvedLimits:
-    """Numbers fixed once the model and memory are known."""
-
-    max_model_len: int
-    num_pages: int
-    pages_per_seq: int
-    extra: dict = field(default_factory=dict)

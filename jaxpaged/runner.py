@@ -6,11 +6,12 @@ XLA updates it in place). Everything it is given per step is a `StepInputs` of f
 """
 
 import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxpaged.attention import get_kv_cache_shape, make_attention
 from jaxpaged.config import ModelConfig
@@ -56,6 +57,8 @@ class ModelRunner:
         attention = make_attention(attention_backend, platform=platform,
                                    sm_scale=config.head_dim ** -0.5,
                                    sliding_window=config.sliding_window)
+        self._forward_programs: dict = {}
+        self._sample_programs: dict = {}
         self._forward = jax.jit(functools.partial(forward, config=config, attention=attention),
                                 donate_argnames=("kv_pages",))
         self._sample = jax.jit(sample, static_argnames=("apply_penalties", "num_top_logprobs"))
@@ -65,26 +68,41 @@ class ModelRunner:
 
     def execute(self, inputs: StepInputs, *, apply_penalties: bool) -> SampleOutput:
         """Runs one step; returns the sampled tokens and logprobs as numpy arrays."""
-        logits, self.kv_pages = self._forward(self.params, self.kv_pages, inputs.token_ids,
-                                              inputs.attention)
-        out = self._sample(logits, inputs.sampling, apply_penalties=apply_penalties,
-                           num_top_logprobs=MAX_LOGPROBS)
+        forward_program = self._forward_programs[inputs.token_ids.shape[0]]
+        logits, self.kv_pages = forward_program(self.params, self.kv_pages, inputs.token_ids,
+                                                inputs.attention)
+        out = self._sample_programs[apply_penalties](logits, inputs.sampling)
         return SampleOutput(*jax.device_get(tuple(out)))
 
     def warmup(self) -> tuple[int, float]:
-        """Compiles every bucket and both sampler variants; returns (compiles, seconds)."""
+        """Compiles one forward program per token bucket and the two sampler variants.
+
+        Programs are compiled ahead of time and called directly, so serving can never trigger a
+        compile: a wrong shape would be an error, not a silent recompile. Lowering is Python and
+        runs in turn; XLA compiles in parallel threads. Returns (programs compiled, seconds).
+        """
         start = time.perf_counter()
-        with CompileCounter() as counter:
-            for bucket in self.token_buckets:
-                for apply_penalties in (False, True):
-                    if apply_penalties and bucket != self.token_buckets[0]:
-                        continue  # the sampler does not depend on the bucket
-                    inputs = build_step_inputs(
-                        [], [], token_bucket=bucket, max_num_seqs=self.max_num_seqs,
-                        pages_per_seq=self.pages_per_seq,
-                        history_width=self.history_width(apply_penalties))
-                    self.execute(inputs, apply_penalties=apply_penalties)
-        return counter.count, time.perf_counter() - start
+        lowered = {}
+        for bucket in self.token_buckets:
+            inputs = self._dummy_inputs(bucket, apply_penalties=False)
+            lowered[("forward", bucket)] = self._forward.lower(
+                self.params, self.kv_pages, inputs.token_ids, inputs.attention)
+        num_seqs, vocab = self.max_num_seqs, self.config.vocab_size
+        logits = jax.ShapeDtypeStruct((num_seqs, vocab), jnp.float32)
+        for apply_penalties in (False, True):
+            sampling = self._dummy_inputs(self.token_buckets[0], apply_penalties).sampling
+            lowered[("sample", apply_penalties)] = self._sample.lower(
+                logits, sampling, apply_penalties=apply_penalties, num_top_logprobs=MAX_LOGPROBS)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+        self._forward_programs = {b: compiled[("forward", b)] for b in self.token_buckets}
+        self._sample_programs = {p: compiled[("sample", p)] for p in (False, True)}
+        return len(compiled), time.perf_counter() - start
+
+    def _dummy_inputs(self, bucket: int, apply_penalties: bool) -> StepInputs:
+        return build_step_inputs([], [], token_bucket=bucket, max_num_seqs=self.max_num_seqs,
+                                 pages_per_seq=self.pages_per_seq,
+                                 history_width=self.history_width(apply_penalties))
 
 
 def kv_bytes_per_page(config: ModelConfig, page_size: int, itemsize: int) -> int:
@@ -99,7 +117,3 @@ def device_kv_budget(params: dict, utilization: float) -> int | None:
     # Keep a slice back for the compiled programs' activations and workspace.
     reserve = max(int(0.05 * stats["bytes_limit"]), 1 << 30)
     return int(stats["bytes_limit"] * utilization) - stats.get("bytes_in_use", 0) - reserve
-
-
-def to_numpy_dtype(dtype) -> np.dtype:
-    return np.dtype(jnp.dtype(dtype))
