@@ -136,7 +136,13 @@ def read_gguf(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
             continue
         hf_name = hf_tensor_name(tensor.name)
         gguf_shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # numpy order
-        array = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        try:
+            array = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        except NotImplementedError as error:
+            raise ValueError(
+                f"GGUF tensor {tensor.name} uses quantization {tensor.tensor_type.name}, which the "
+                f"gguf package cannot dequantize ({error}); convert the model with another type"
+            ) from None
         if array.shape != gguf_shape:
             raise ValueError(
                 f"GGUF tensor {tensor.name} ({hf_name}) dequantized to shape {array.shape}, "

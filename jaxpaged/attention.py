@@ -26,10 +26,8 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
     """Returns attention(q, k, v, kv_pages, metadata) -> (out, kv_pages) for the chosen backend."""
     backend = resolve_backend(name, platform)
     assert backend == "reference"
-    # Small query blocks and KV chunks measured fastest on XLA:CPU for both decode and prefill
-    # (benchmarks/results/reference_attention_cpu.txt).
     op = functools.partial(ragged_paged_attention_reference, sm_scale=sm_scale,
-                           sliding_window=sliding_window, q_block_size=4, kv_chunk_size=64)
+                           sliding_window=sliding_window)
 
     def attention(q, k, v, kv_pages, metadata: AttentionMetadata):
         return op(q, k, v, kv_pages, metadata.kv_lens, metadata.page_indices, metadata.cu_q_lens,

@@ -66,6 +66,11 @@ class ModelConfig:
         )
         # Options these families allow but jaxpaged does not implement: refuse rather than load a
         # model that would silently compute something else.
+        quantization = get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+            raise ValueError(f"quantized checkpoints ({method}) are not supported; use a float16, "
+                             "bfloat16 or float32 checkpoint, or a GGUF file")
         if get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported (no released Llama-family model uses it)")
         if get("attention_bias") and model_type != "qwen2":

@@ -22,7 +22,7 @@ from jaxpaged.request import CompletionOutput, Request, RequestOutput
 from jaxpaged.runner import ModelRunner, device_kv_budget, kv_bytes_per_page
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import ScheduledBatch, Scheduler
-from jaxpaged.step_inputs import build_step_inputs
+from jaxpaged.step_inputs import MAX_BANNED, build_step_inputs
 
 logger = logging.getLogger("jaxpaged")
 
@@ -87,6 +87,9 @@ class Engine:
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         num_prompt = len(prompt_token_ids)
+        if params.min_tokens and len(set(params.stop_token_ids) | self.eos_token_ids) > MAX_BANNED:
+            raise ValueError(f"with min_tokens, at most {MAX_BANNED} stop_token_ids (EOS included) "
+                             "are supported")
         max_tokens = params.max_tokens or max(self.max_model_len - num_prompt, 1)
         sequences, detokenizers = [], []
         for i in range(params.n):

@@ -12,7 +12,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler removes requests from its queues by object
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -29,6 +29,12 @@ class Request:
     num_preemptions: int = 0
     # Per generated token: (sampled logprob, [(token id, logprob), ...]) when logprobs are asked.
     logprobs: list = field(default_factory=list)
+
+    @property
+    def stop_token_ids_under_min_tokens(self) -> list[int]:
+        """Tokens the sampler must not pick before min_tokens: they would end the request."""
+        ids = [] if self.params.ignore_eos else sorted(self.eos_token_ids)
+        return ids + [t for t in self.params.stop_token_ids if t not in ids]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -50,6 +50,14 @@ def penalize(logits: jax.Array, sampling: SamplingTensors) -> jax.Array:
     return logits  # [S, V]
 
 
+def ban(logits: jax.Array, banned_token_ids: jax.Array) -> jax.Array:
+    """Sets banned tokens (EOS and stop ids of requests still under min_tokens) to -inf."""
+    num_seqs, vocab = logits.shape
+    ids = jnp.where(banned_token_ids >= 0, banned_token_ids, vocab)  # [S, B], padding -> dropped
+    rows = jnp.broadcast_to(jnp.arange(num_seqs)[:, None], ids.shape)  # [S, B]
+    return logits.at[rows, ids].set(-jnp.inf, mode="drop")
+
+
 def _filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
     """Set to -inf every token outside the row's min-p ∩ top-k set, then outside its nucleus."""
     vocab = scaled.shape[1]
@@ -104,6 +112,7 @@ def sample(
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [S, V]
     if apply_penalties:
         logits = penalize(logits, sampling)
+    logits = ban(logits, sampling.banned_token_ids)
 
     greedy = sampling.temperature < GREEDY_TEMPERATURE  # [S]
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [S]

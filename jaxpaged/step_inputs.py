@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+MAX_BANNED = 16  # EOS ids plus stop_token_ids a request may hold back while under min_tokens
+
 
 class AttentionMetadata(NamedTuple):
     """Where each scheduled token sits. Sequences i >= num_seqs[0] and tokens t >= cu_q_lens[num_seqs]
@@ -37,6 +39,7 @@ class SamplingTensors(NamedTuple):
     steps: np.ndarray  # [S] int32, index of the token being generated (folds into the key)
     token_history: np.ndarray  # [S, W] int32, prompt then output token ids, -1 padded
     num_prompt_tokens: np.ndarray  # [S] int32, how many history entries are prompt
+    banned_token_ids: np.ndarray  # [S, MAX_BANNED] int32, -1 padded: EOS/stop ids under min_tokens
 
 
 class StepInputs(NamedTuple):
@@ -59,6 +62,7 @@ def empty_sampling_tensors(max_num_seqs: int, history_width: int) -> SamplingTen
         steps=np.zeros(s, np.int32),
         token_history=np.full((s, history_width), -1, np.int32),
         num_prompt_tokens=np.zeros(s, np.int32),
+        banned_token_ids=np.full((s, MAX_BANNED), -1, np.int32),
     )
 
 
@@ -97,6 +101,9 @@ def build_step_inputs(requests, num_new_tokens, *, token_bucket: int, max_num_se
         sampling.repetition_penalty[i] = params.repetition_penalty
         sampling.seeds[i] = request.seed & 0xFFFFFFFF
         sampling.steps[i] = len(request.output_token_ids)
+        if len(request.output_token_ids) < params.min_tokens:
+            banned = request.stop_token_ids_under_min_tokens
+            sampling.banned_token_ids[i, :len(banned)] = banned
         if history_width > 1:
             history = request.all_token_ids
             sampling.token_history[i, :len(history)] = history

@@ -67,6 +67,131 @@ def _write_new_kv(kv_pages, k, v, page_indices, seq, pos, valid):
     return kv_pages.at[page, pos % page_size].set(new_kv.astype(kv_pages.dtype), mode="drop")
 
 
+def _online_softmax_step(carry, s, v):
+    """One flash-attention update. s [..., C] masked scores (-inf), v [..., C, D] (zeros where masked)."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked rows: exp(-inf - 0) = 0
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m - m_safe)
+    return m_new, alpha * l + p.sum(axis=-1), alpha[..., None] * acc + jnp.einsum("...c,...cd->...d", p, v)
+
+
+def _init_stats(shape, head_dim):
+    return (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+
+
+def _scores(q, kc, sm_scale, soft_cap):
+    """q [..., Hkv, G, D] x kc [..., C, Hkv, D] -> [..., Hkv, G, C] (GQA without repeating K)."""
+    s = jnp.einsum("...hgd,...chd->...hgc", q, kc) * sm_scale
+    return soft_cap * jnp.tanh(s / soft_cap) if soft_cap is not None else s
+
+
+def _decode_part(out, q, kv_pages, kv_lens, page_indices, cu, q_lens, num_seqs, *, sm_scale,
+                 sliding_window, soft_cap, chunk_pages):
+    """Sequences with one query token, vectorised: one slot per sequence, no wasted query rows."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, two_hkv, _ = kv_pages.shape
+    num_kv_heads, pages_per_seq = two_hkv // 2, page_indices.shape[1]
+    num_seqs_max = kv_lens.shape[0]
+    slots = min(num_seqs_max, num_tokens)
+    chunk = chunk_pages * page_size
+
+    seq_ids = jnp.arange(num_seqs_max, dtype=jnp.int32)
+    is_decode = (q_lens == 1) & (seq_ids < num_seqs[0])  # [S]
+    rank = jnp.cumsum(is_decode) - 1  # [S]
+    slot_seq = jnp.zeros(slots, jnp.int32).at[jnp.where(is_decode, rank, slots)].set(seq_ids, mode="drop")
+    slot_valid = jnp.arange(slots) < jnp.sum(is_decode)  # [slots]
+    slot_tok = jnp.where(slot_valid, cu[slot_seq], num_tokens)  # [slots], T = dropped on write
+    slot_len = jnp.where(slot_valid, kv_lens[slot_seq], 0)  # [slots]
+    q_pos = slot_len - 1  # [slots]
+    qd = q[jnp.clip(slot_tok, 0, num_tokens - 1)].astype(jnp.float32)  # [slots, Hq, D]
+    qd = qd.reshape(slots, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [slots, Hkv, G, D]
+    slot_pages = jnp.clip(page_indices[slot_seq], 0, num_pages - 1)  # [slots, pages_per_seq]
+
+    def body(carry):
+        c, stats = carry
+        cols = jnp.clip(c * chunk_pages + jnp.arange(chunk_pages), 0, pages_per_seq - 1)  # [cp]
+        kv = kv_pages[slot_pages[:, cols]].reshape(slots, chunk, two_hkv, head_dim)  # [slots, C, 2Hkv, D]
+        kv = kv.astype(jnp.float32)
+        key_pos = c * chunk + jnp.arange(chunk)  # [C]
+        valid = key_pos[None, :] <= q_pos[:, None]  # [slots, C] (causal = within the length)
+        if sliding_window is not None:
+            valid &= q_pos[:, None] - key_pos[None, :] < sliding_window
+        s = _scores(qd, kv[:, :, 0::2], sm_scale, soft_cap)  # [slots, Hkv, G, C]
+        s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+        v = jnp.where(valid[:, :, None, None], kv[:, :, 1::2], 0.0)  # [slots, C, Hkv, D]
+        v = jnp.swapaxes(v, 1, 2)[:, :, None]  # [slots, Hkv, 1, C, D]
+        return c + 1, _online_softmax_step(stats, s, v)
+
+    num_chunks = (jnp.max(slot_len) + chunk - 1) // chunk
+    stats = _init_stats((slots, num_kv_heads, num_q_heads // num_kv_heads), head_dim)
+    _, (_, l, acc) = lax.while_loop(lambda carry: carry[0] < num_chunks, body, (jnp.int32(0), stats))
+    res = (acc / jnp.where(l > 0, l, 1.0)[..., None]).reshape(slots, num_q_heads, head_dim)
+    return out.at[slot_tok].set(res, mode="drop")
+
+
+def _prefill_part(out, q, kv_pages, kv_lens, page_indices, cu, q_lens, num_seqs, *, sm_scale,
+                  sliding_window, soft_cap, chunk_pages, block_rows):
+    """Sequences with several query tokens: a loop over their real query blocks (bq rows of one
+    sequence each), each visiting KV chunks only up to its last row's causal limit."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, two_hkv, _ = kv_pages.shape
+    num_kv_heads, pages_per_seq = two_hkv // 2, page_indices.shape[1]
+    group = num_q_heads // num_kv_heads
+    num_seqs_max = kv_lens.shape[0]
+    bq, chunk = block_rows, chunk_pages * page_size
+
+    is_prefill = (q_lens > 1) & (jnp.arange(num_seqs_max) < num_seqs[0])  # [S]
+    blocks = jnp.where(is_prefill, -(-q_lens // bq), 0)  # [S]
+    cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks)]).astype(jnp.int32)  # [S+1]
+    # Padded by bq rows so every block's rows can be sliced without going out of bounds.
+    q_padded = jnp.pad(q, ((0, bq), (0, 0), (0, 0))).astype(jnp.float32)  # [T+bq, Hq, D]
+    out = jnp.pad(out, ((0, bq), (0, 0), (0, 0)))  # [T+bq, Hq, D]
+    rows = jnp.arange(bq)
+
+    def block(b, out):
+        seq = jnp.searchsorted(cu_blocks, b, side="right") - 1
+        first = (b - cu_blocks[seq]) * bq  # first row's index among the sequence's queries
+        num_rows = jnp.minimum(q_lens[seq] - first, bq)
+        start = cu[seq] + first  # its first token
+        q_pos = kv_lens[seq] - q_lens[seq] + first + rows  # [bq]
+        row_valid = rows < num_rows  # [bq]
+        qb = lax.dynamic_slice_in_dim(q_padded, start, bq)  # [bq, Hq, D]
+        qb = qb.reshape(bq, num_kv_heads, group, head_dim)  # [bq, Hkv, G, D]
+        pages = jnp.clip(page_indices[seq], 0, num_pages - 1)  # [pages_per_seq]
+        last = q_pos[0] + num_rows - 1  # causal limit of the block's last row
+        first_chunk = 0 if sliding_window is None else jnp.maximum(q_pos[0] - sliding_window + 1, 0) // chunk
+
+        def chunk_body(carry):
+            c, stats = carry
+            cols = jnp.clip(c * chunk_pages + jnp.arange(chunk_pages), 0, pages_per_seq - 1)
+            kv = kv_pages[pages[cols]].reshape(chunk, two_hkv, head_dim).astype(jnp.float32)  # [C, 2Hkv, D]
+            key_pos = c * chunk + jnp.arange(chunk)  # [C]
+            valid = (key_pos[None, :] <= q_pos[:, None]) & row_valid[:, None]  # [bq, C]
+            if sliding_window is not None:
+                valid &= q_pos[:, None] - key_pos[None, :] < sliding_window
+            s = _scores(qb, kv[None, :, 0::2], sm_scale, soft_cap)  # [bq, Hkv, G, C]
+            s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+            in_len = key_pos <= last  # [C]
+            v = jnp.where(in_len[:, None, None], kv[:, 1::2], 0.0)  # [C, Hkv, D]
+            v = jnp.swapaxes(v, 0, 1)[None, :, None]  # [1, Hkv, 1, C, D]
+            return c + 1, _online_softmax_step(stats, s, v)
+
+        stats = _init_stats((bq, num_kv_heads, group), head_dim)
+        _, (_, l, acc) = lax.while_loop(lambda carry: carry[0] * chunk <= last, chunk_body,
+                                        (jnp.int32(first_chunk), stats))
+        res = (acc / jnp.where(l > 0, l, 1.0)[..., None]).reshape(bq, num_q_heads, head_dim)
+        # Rows past the block's end belong to other sequences: keep what is there.
+        current = lax.dynamic_slice_in_dim(out, start, bq)
+        return lax.dynamic_update_slice_in_dim(out, jnp.where(row_valid[:, None, None], res, current),
+                                               start, axis=0)
+
+    out = lax.fori_loop(0, cu_blocks[-1], block, out)
+    return out[:num_tokens]
+
+
 @jax.named_scope("ragged_paged_attention_reference")
 def ragged_paged_attention_reference(
     q,  # [T, num_q_heads, head_dim]
@@ -81,86 +206,30 @@ def ragged_paged_attention_reference(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    kv_chunk_size: int = 128,
-    q_block_size: int = 16,
+    kv_chunk_size: int = 64,
+    q_block_size: int = 32,
 ):
     """Writes k/v into kv_pages, then attends; returns (out [T, Hq, D] in q.dtype, new kv_pages).
 
-    jit-compatible as a plain function (the engine calls it inside its own jit); the keyword
-    arguments are static. `ragged_paged_attention_reference_jit` is a jitted convenience.
+    Decode sequences (one query token) are handled together, one slot each; prefill sequences by
+    a loop over their query blocks of `q_block_size` rows. KV is visited in chunks of
+    `kv_chunk_size` positions (rounded to whole pages). jit-compatible as a plain function (the
+    engine calls it inside its own jit); the keyword arguments are static.
     """
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_q_heads // num_kv_heads
-    num_pages, page_size = kv_pages.shape[:2]
-    num_seqs_max, pages_per_seq = page_indices.shape
-    bq = q_block_size
-    chunk_pages = max(1, -(-kv_chunk_size // page_size))  # whole pages per KV chunk
-    chunk = chunk_pages * page_size
+    page_size = kv_pages.shape[1]
+    chunk_pages = max(1, -(-kv_chunk_size // page_size))
 
-    # 1. Scatter the new K/V into their pages.
-    cu, q_lens, tok_seq, tok_j, tok_pos, tok_valid = _token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
+    cu, q_lens, tok_seq, _, tok_pos, tok_valid = _token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
     kv_pages = _write_new_kv(kv_pages, k, v, page_indices, tok_seq, tok_pos, tok_valid)
 
-    # 2. Query blocks: each holds up to bq rows of one sequence. sum(ceil(q_len / bq)) <= T // bq + S.
-    num_blocks = num_tokens // bq + num_seqs_max
-    cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(-(-q_lens // bq))]).astype(jnp.int32)  # [S+1]
-    b = jnp.arange(num_blocks, dtype=jnp.int32)  # [NB]
-    blk_seq = jnp.clip(jnp.searchsorted(cu_blocks, b, side="right") - 1, 0, num_seqs_max - 1)  # [NB]
-    blk_first = (b - cu_blocks[blk_seq]) * bq  # [NB] first row's index among the sequence's queries
-    blk_rows = jnp.where(b < cu_blocks[-1], jnp.clip(q_lens[blk_seq] - blk_first, 0, bq), 0)  # [NB]
-    r = jnp.arange(bq, dtype=jnp.int32)  # [Bq]
-    row_valid = r[None, :] < blk_rows[:, None]  # [NB, Bq]
-    row_tok = jnp.clip(cu[blk_seq][:, None] + blk_first[:, None] + r[None, :], 0, num_tokens - 1)  # [NB, Bq]
-    blk_kv_len = jnp.where(blk_rows > 0, kv_lens[blk_seq], 0)  # [NB]
-    q_pos = (blk_kv_len - q_lens[blk_seq] + blk_first)[:, None] + r[None, :]  # [NB, Bq]
-    q_blocks = q[row_tok].astype(jnp.float32)  # [NB, Bq, Hq, D]
-    q_blocks = q_blocks.reshape(num_blocks, bq, num_kv_heads, group, head_dim)  # [NB, Bq, Hkv, G, D]
-    blk_pages = jnp.clip(page_indices[blk_seq], 0, num_pages - 1)  # [NB, pages_per_seq]
-
-    # 3. Online softmax over KV chunks; trip count follows the longest real sequence.
-    num_chunks = (jnp.max(blk_kv_len) + chunk - 1) // chunk
-
-    def body(carry):
-        c, m, l, acc = carry
-        slots = jnp.clip(c * chunk_pages + jnp.arange(chunk_pages), 0, pages_per_seq - 1)  # [cp]
-        kv = kv_pages[blk_pages[:, slots]]  # [NB, cp, page_size, 2*Hkv, D]
-        kv = kv.reshape(num_blocks, chunk, 2 * num_kv_heads, head_dim).astype(jnp.float32)  # [NB, C, 2*Hkv, D]
-        key_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [C]
-        in_len = key_pos[None, :] < blk_kv_len[:, None]  # [NB, C]
-        kc = kv[:, :, 0::2]  # [NB, C, Hkv, D]
-        vc = jnp.where(in_len[:, :, None, None], kv[:, :, 1::2], 0.0)  # [NB, C, Hkv, D]
-        s = jnp.einsum("brhgd,bchd->brhgc", q_blocks, kc) * sm_scale  # [NB, Bq, Hkv, G, C]
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        mask = in_len[:, None, :] & row_valid[:, :, None] & (key_pos[None, None, :] <= q_pos[:, :, None])  # [NB, Bq, C]
-        if sliding_window is not None:
-            mask &= q_pos[:, :, None] - key_pos[None, None, :] < sliding_window
-        s = jnp.where(mask[:, :, None, None, :], s, -jnp.inf)  # [NB, Bq, Hkv, G, C]
-        m_new = jnp.maximum(m, s.max(axis=-1))  # [NB, Bq, Hkv, G]
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked rows: exp(-inf - 0) = 0
-        p = jnp.exp(s - m_safe[..., None])  # [NB, Bq, Hkv, G, C]
-        alpha = jnp.exp(m - m_safe)  # [NB, Bq, Hkv, G]
-        l = alpha * l + p.sum(axis=-1)
-        acc = alpha[..., None] * acc + jnp.einsum("brhgc,bchd->brhgd", p, vc)  # [NB, Bq, Hkv, G, D]
-        return c + 1, m_new, l, acc
-
-    stats_shape = (num_blocks, bq, num_kv_heads, group)
-    init = (
-        jnp.int32(0),
-        jnp.full(stats_shape, -jnp.inf, jnp.float32),
-        jnp.zeros(stats_shape, jnp.float32),
-        jnp.zeros(stats_shape + (head_dim,), jnp.float32),
-    )
-    _, _, l, acc = lax.while_loop(lambda carry: carry[0] < num_chunks, body, init)
-
-    # 4. Normalise and map blocks back to tokens; padding tokens and empty rows give zeros.
-    out_blocks = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [NB, Bq, Hkv, G, D]
-    out_blocks = out_blocks.reshape(num_blocks, bq, num_q_heads, head_dim)  # [NB, Bq, Hq, D]
-    tok_blk = jnp.clip(cu_blocks[tok_seq] + tok_j // bq, 0, num_blocks - 1)  # [T]
-    out = out_blocks[tok_blk, jnp.clip(tok_j, 0) % bq]  # [T, Hq, D]
-    out = jnp.where(tok_valid[:, None, None], out, 0.0)
+    out = jnp.zeros((num_tokens, num_q_heads, head_dim), jnp.float32)  # padding tokens stay 0
+    common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  chunk_pages=chunk_pages)
+    args = (q, kv_pages, kv_lens, page_indices, cu, q_lens, num_seqs)
+    out = _decode_part(out, *args, **common)
+    out = _prefill_part(out, *args, block_rows=q_block_size, **common)
     return out.astype(q.dtype), kv_pages
 
 

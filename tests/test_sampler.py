@@ -274,3 +274,21 @@ def test_padding_rows_produce_no_nan():
     assert np.isfinite(lp).all() and np.isfinite(top_lp).all()
     assert ((ids >= 0) & (ids < v)).all()
     np.testing.assert_array_equal(ids[1:3], logits[1:3].argmax(-1))
+
+
+def test_banned_tokens_are_never_sampled():
+    """min_tokens: EOS/stop ids of a row are banned; other rows and padding entries are unaffected."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(3, 16)).astype(np.float32)
+    logits[:, 5] = 50.0  # token 5 dominates every row
+    st = make_sampling(3, temperature=[0.0, 1.0, 0.0], seeds=[1, 2, 3])
+    banned = st.banned_token_ids.copy()
+    banned[0, :2] = [5, 9]
+    banned[1, 0] = 5
+    st = st._replace(banned_token_ids=banned)
+    expected_row0 = int(np.argmax(np.where(np.isin(np.arange(16), [5, 9]), -np.inf, logits[0])))
+    for step in range(20):
+        ids = run(logits, st._replace(steps=np.full(3, step, np.int32)))[0]
+        assert ids[0] == expected_row0
+        assert ids[1] != 5
+        assert ids[2] == 5  # row 2 bans nothing (its -1 padding must not wrap to token 15)

@@ -362,11 +362,18 @@ class Harness:
 
     def step(self):
         sched, rng = self.sched, self.rng
-        running_before = {id(r) for r in sched.running}
+        running_before = list(sched.running)
         batch = sched.schedule()
         self.num_preempted += batch.num_preempted
-        if batch.num_preempted:  # a step that preempts admits no new requests
-            assert all(id(r) in running_before for r in batch.requests)
+        victims = [r for r in running_before if r.status is Status.WAITING]
+        assert len(victims) == batch.num_preempted
+        if victims:
+            # The newest are evicted, and wait ahead of everything else in their old order.
+            assert [id(r) for r in running_before[-len(victims):]] == [id(r) for r in victims]
+            assert [id(r) for r in list(sched.waiting)[:len(victims)]] == [id(r) for r in victims]
+            assert all(r.page_ids == [] and r.num_computed_tokens == 0 for r in victims)
+            # A step that preempts admits no new requests.
+            assert {id(r) for r in batch.requests} <= {id(r) for r in running_before}
         self.check_batch(batch)
         before = [(r.num_computed_tokens, r.num_tokens) for r in batch.requests]
         if batch.requests and rng.random() < 0.05:  # an abort arrives while the step runs
