@@ -124,6 +124,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # explicit KV budget (wins over utilization)
     attention_backend: str = "auto"
     seed: int = 0
+    enable_prefix_caching: bool = True
     token_buckets: tuple[int, ...] | None = None  # None: powers of two up to the token budget
 
     def __post_init__(self):

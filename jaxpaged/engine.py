@@ -62,7 +62,8 @@ class Engine:
         self.token_buckets = config.resolved_token_buckets()
         self.pages_per_seq = config.pages_per_seq(self.max_model_len)
         num_pages = self._num_pages()
-        self.pages = PageManager(num_pages, config.page_size)
+        self.pages = PageManager(num_pages, config.page_size,
+                                 enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
@@ -80,7 +81,7 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, cache_salt: str | None = None) -> None:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         vocab = self.model_config.vocab_size
@@ -96,7 +97,8 @@ class Engine:
             seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**31))
             sequences.append(Request(
                 request_id=f"{request_id}-{i}", prompt_token_ids=list(prompt_token_ids),
-                params=params, seed=seed, eos_token_ids=self.eos_token_ids, max_tokens=max_tokens))
+                params=params, seed=seed, eos_token_ids=self.eos_token_ids, max_tokens=max_tokens,
+                cache_salt=cache_salt))
             detokenizers.append(IncrementalDetokenizer(
                 self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
                 stop_strings=params.stop_strings,

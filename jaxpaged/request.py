@@ -27,6 +27,10 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
+    cache_salt: str | None = None  # requests with different salts never share cached pages
+    page_hashes: list = field(default_factory=list)  # chained hashes of its full pages so far
+    num_registered_pages: int = 0  # leading pages already offered to the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     # Per generated token: (sampled logprob, [(token id, logprob), ...]) when logprobs are asked.
     logprobs: list = field(default_factory=list)
 

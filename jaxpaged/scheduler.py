@@ -5,12 +5,16 @@ sequence cap (`max_num_seqs`): running requests first (a decode token, or the ne
 prompt), then waiting requests in arrival order. When the page pool runs dry it preempts the newest
 running request by recompute: its pages are freed and it goes back to the front of the queue, to
 prefill its prompt plus what it had generated.
+
+With prefix caching, a request admitted from the queue first takes the cached pages of its longest
+cached prefix (whole pages, always leaving at least one token to compute, whose logits it needs),
+and every page that becomes full and computed is offered to the cache.
 """
 
 from collections import deque
 from dataclasses import dataclass
 
-from jaxpaged.pages import PageManager
+from jaxpaged.pages import PageManager, page_hashes
 from jaxpaged.request import Request, Status
 
 
@@ -38,6 +42,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # oldest first; the last is preempted first
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up at admission
+        self.prefix_cache_hits = 0  # of those, tokens served from cached pages
 
     # ---- admission and removal -------------------------------------------------------------
 
@@ -104,9 +110,14 @@ class Scheduler:
         while (self.waiting and budget > 0 and not num_preempted
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
+            looked_up = self._take_cached_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._grow(request, request.num_computed_tokens + n):
+                self._release(request)  # hand back the cached pages it took
                 break
+            self.prefix_cache_queries += looked_up
+            self.prefix_cache_hits += request.num_computed_tokens
+            request.num_cached_tokens = request.num_computed_tokens
             self.waiting.popleft()
             request.status = Status.RUNNING
             self.running.append(request)
@@ -128,6 +139,7 @@ class Scheduler:
             if request.finished:  # aborted while the step ran
                 continue
             request.num_computed_tokens += n
+            self._register_full_pages(request)
             if request.num_computed_tokens < request.num_tokens:
                 continue
             token = int(sampled_token_ids[i])
@@ -153,6 +165,37 @@ class Scheduler:
         self.pages.free(request.page_ids)
         request.page_ids = []
         request.num_computed_tokens = 0
+        request.num_registered_pages = 0
+
+    def _hashes(self, request: Request) -> list[bytes]:
+        """The request's full-page hashes, extended to cover every token it knows."""
+        known = request.page_hashes
+        tokens = request.all_token_ids
+        if len(known) < len(tokens) // self.pages.page_size:
+            known.extend(page_hashes(tokens, self.pages.page_size, request.cache_salt,
+                                     start=len(known), parent=known[-1] if known else b""))
+        return known
+
+    def _take_cached_prefix(self, request: Request) -> int:
+        """Maps the longest cached prefix into a request holding no pages; returns tokens looked up."""
+        if not self.pages.enable_prefix_caching or request.page_ids:
+            return 0
+        usable = (request.num_tokens - 1) // self.pages.page_size  # leave a token to compute
+        hashes = self._hashes(request)[:usable]
+        request.page_ids = self.pages.lookup(hashes)
+        request.num_computed_tokens = len(request.page_ids) * self.pages.page_size
+        request.num_registered_pages = len(request.page_ids)
+        return len(hashes) * self.pages.page_size
+
+    def _register_full_pages(self, request: Request) -> None:
+        if not self.pages.enable_prefix_caching:
+            return
+        full = request.num_computed_tokens // self.pages.page_size
+        if full > request.num_registered_pages:
+            hashes = self._hashes(request)
+            for i in range(request.num_registered_pages, full):
+                self.pages.register(request.page_ids[i], hashes[i])
+            request.num_registered_pages = full
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
