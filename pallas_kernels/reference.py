@@ -8,11 +8,13 @@ new K/V of every real token into its page, then runs causal attention over each 
 Cache layout (owned here, see `get_kv_cache_shape`): [num_pages, page_size, 2 * num_kv_heads,
 head_dim] with K of kv-head h at index 2h and V at 2h + 1.
 
-The computation is blocked so it stays cheap under `jax.jit` with static shapes: queries are cut
-into blocks of `q_block_size` rows that never straddle two sequences, and KV is visited chunk by
-chunk in a `lax.while_loop` whose trip count follows the longest real sequence, with an online
-softmax in float32. Recycled pages may hold NaN: scores beyond a sequence's length are masked
-with `jnp.where` and V there is zeroed, so 0 * NaN never reaches an output.
+The computation stays cheap under `jax.jit` with static shapes, because every loop runs only as
+far as the real data: sequences with one query token (decodes) are handled together, one slot
+per sequence, in a `lax.while_loop` over KV chunks up to the longest of them; sequences with
+several query tokens (prefill chunks) are cut into blocks of `q_block_size` rows, and a
+`lax.fori_loop` over the real blocks visits each block's KV chunks only up to its causal limit.
+Softmax is online, in float32. Recycled pages may hold NaN: scores beyond a sequence's length are
+masked with `jnp.where` and V there is zeroed, so 0 * NaN never reaches an output.
 """
 
 import jax
