@@ -1,4 +1,4 @@
-"""`jaxpaged` command line: generate, chat.
+"""`jaxpaged` command line: generate, chat, serve.
 
 Engine flags are generated from EngineConfig's fields and named like vLLM's (`--max-model-len`).
 Errors reach the user as one line, never a traceback.
@@ -25,6 +25,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(EngineConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = next((t for t in (int, float) if t in (field.type, *typing.get_args(field.type))), str)
+        if field.type is bool:  # --enable-prefix-caching / --no-enable-prefix-caching
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            continue
         if field.name == "token_buckets":
             parser.add_argument(flag, type=int, nargs="+", default=None, help="compiled token buckets")
             continue
@@ -92,6 +95,22 @@ def cmd_chat(args) -> int:
         conversation.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args) -> int:
+    from jaxpaged.server.serve import serve
+
+    kwargs = engine_kwargs(args)
+    if args.model_arg is not None:
+        if kwargs["model"] is not None and kwargs["model"] != args.model_arg:
+            raise ValueError("give the model once: as the argument or as --model")
+        kwargs["model"] = args.model_arg
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
+        raise ValueError("--max-waiting-requests must be a positive integer")
+    serve(kwargs, host=args.host, port=args.port, api_key=args.api_key,
+          served_model_names=args.served_model_name,
+          max_waiting_requests=args.max_waiting_requests, log_level=args.uvicorn_log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(chat)
     add_engine_flags(chat)
     chat.set_defaults(handler=cmd_chat)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                       help="same as --model (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("JAXPAGED_API_KEY"),
+                       help="clients must send 'Authorization: Bearer KEY' (default: "
+                            "$JAXPAGED_API_KEY; unset: no key)")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="model name(s) clients use (default: the model's name)")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="answer 503 + Retry-After beyond this many waiting requests")
+    serve.add_argument("--uvicorn-log-level", default="info")
+    add_engine_flags(serve)
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

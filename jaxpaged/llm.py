@@ -6,6 +6,7 @@ from tqdm.auto import tqdm
 
 from jaxpaged.config import EngineConfig
 from jaxpaged.engine import Engine, enable_compilation_cache
+from jaxpaged.prompts import encode_prompts, render_chat, sampling_defaults
 from jaxpaged.request import RequestOutput
 from jaxpaged.sampling_params import SamplingParams
 
@@ -34,9 +35,7 @@ class LLM:
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams from the model's generation_config.json, else vLLM's defaults."""
-        defaults = self.engine.generation_defaults
-        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-        return SamplingParams(**{k: defaults[k] for k in keys if defaults.get(k) is not None})
+        return SamplingParams(**sampling_defaults(self.engine.generation_defaults))
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -44,8 +43,8 @@ class LLM:
 
         Returns one RequestOutput per prompt, in input order.
         """
-        token_lists, texts = self._encode(prompts)
-        return self._run(token_lists, texts, sampling_params, use_tqdm)
+        token_lists, texts, salts = encode_prompts(self.get_tokenizer(), prompts)
+        return self._run(token_lists, texts, sampling_params, use_tqdm, salts)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              *, use_tqdm: bool = True, add_generation_prompt: bool = True,
@@ -54,40 +53,15 @@ class LLM:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of messages or of conversations")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        tokenizer = self.get_tokenizer()
-        texts = []
-        for conversation in conversations:
-            _check_conversation(conversation)
-            texts.append(tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template))
-        # The template already carries any BOS token, so add no special tokens again.
-        token_lists = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        rendered = [render_chat(self.get_tokenizer(), conversation, chat_template=chat_template,
+                                add_generation_prompt=add_generation_prompt)
+                    for conversation in conversations]
+        token_lists, texts = [r[0] for r in rendered], [r[1] for r in rendered]
         return self._run(token_lists, texts, sampling_params, use_tqdm)
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _encode(self, prompts) -> tuple[list[list[int]], list[str | None]]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        elif isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
-            prompts = [prompts]
-        if not isinstance(prompts, list) or not prompts:
-            raise ValueError("prompts must be a string, a list of strings, or token-id lists")
-        tokenizer = self.get_tokenizer()
-        token_lists, texts = [], []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                token_lists.append(tokenizer(prompt).input_ids)
-                texts.append(prompt)
-            elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-                token_lists.append(list(prompt))
-                texts.append(None)
-            else:
-                raise ValueError(f"each prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        return token_lists, texts
-
-    def _run(self, token_lists, texts, sampling_params, use_tqdm) -> list[RequestOutput]:
+    def _run(self, token_lists, texts, sampling_params, use_tqdm, salts=None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.default_sampling_params()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
@@ -95,9 +69,10 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {len(token_lists)} prompts")
         engine = self.engine
         request_ids = [str(next(self._ids)) for _ in token_lists]
+        salts = salts or [None] * len(token_lists)
         try:
-            for request_id, tokens, text, p in zip(request_ids, token_lists, texts, params):
-                engine.add_request(request_id, tokens, p, prompt=text)
+            for request_id, tokens, text, p, salt in zip(request_ids, token_lists, texts, params, salts):
+                engine.add_request(request_id, tokens, p, prompt=text, cache_salt=salt)
         except ValueError:
             for request_id in request_ids:  # all or nothing: leave no half-added batch behind
                 engine.abort(request_id)
@@ -112,12 +87,3 @@ class LLM:
                         progress.update(1)
         return [results[request_id] for request_id in request_ids]
 
-
-def _check_conversation(conversation) -> None:
-    if not isinstance(conversation, list) or not conversation:
-        raise ValueError("a conversation must be a non-empty list of messages")
-    for message in conversation:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError('each message must be a dict with "role" and "content"')
-        if message["role"] not in ("system", "user", "assistant", "tool", "developer"):
-            raise ValueError(f"unknown message role {message['role']!r}")

@@ -93,7 +93,7 @@ def build_step_inputs(requests, num_new_tokens, *, token_bucket: int, max_num_se
 
         params = request.params
         sampling.temperature[i] = params.temperature
-        sampling.top_k[i] = params.top_k
+        sampling.top_k[i] = min(params.top_k, np.iinfo(np.int32).max)  # >= vocab means off
         sampling.top_p[i] = params.top_p
         sampling.min_p[i] = params.min_p
         sampling.presence_penalty[i] = params.presence_penalty

@@ -13,6 +13,8 @@ HOST_MODULES = [
     "jaxpaged.config",
     "jaxpaged.detokenizer",
     "jaxpaged.model_source",
+    "jaxpaged.prompts",
+    "jaxpaged.server.protocol",
     "jaxpaged",
 ]
 

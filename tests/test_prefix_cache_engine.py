@@ -58,3 +58,18 @@ def test_salted_requests_do_not_hit_each_other(engines):
     assert results["b-cached"] == results["a-cached"]  # tenant b found nothing of tenant a
     assert results["c-cached"] > results["b-cached"]  # tenant a found its own pages
     assert results["a"].outputs[0].token_ids == results["b"].outputs[0].token_ids == results["c"].outputs[0].token_ids
+
+
+def test_llm_accepts_salted_dict_prompts(engines):
+    cached, _ = engines
+    scheduler, params = cached.engine.scheduler, SamplingParams(temperature=0, max_tokens=2)
+    prompt = SYSTEM + "A question only tenant x asks?"
+    cached.generate([{"prompt": prompt, "cache_salt": "x"}], params, use_tqdm=False)
+    before = scheduler.prefix_cache_hits
+    cached.generate([{"prompt": prompt, "cache_salt": "y"}], params, use_tqdm=False)
+    assert scheduler.prefix_cache_hits == before
+    ids = cached.get_tokenizer()(prompt).input_ids
+    cached.generate([{"prompt_token_ids": ids, "cache_salt": "x"}], params, use_tqdm=False)
+    assert scheduler.prefix_cache_hits > before
+    with pytest.raises(ValueError, match="dict prompt"):
+        cached.generate([{"prompt": prompt, "prompt_token_ids": ids}], params, use_tqdm=False)
