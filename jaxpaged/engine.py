@@ -138,8 +138,38 @@ class Engine:
             max_num_seqs=self.config.max_num_seqs, pages_per_seq=self.pages_per_seq,
             history_width=self.runner.history_width(penalties))
         sampled = self.runner.execute(inputs, apply_penalties=penalties)
+        self._record_prompt_logprobs(batch)
         advanced = self.scheduler.update(batch, sampled.token_ids)
         return self._postprocess(batch, advanced, sampled)
+
+    def _record_prompt_logprobs(self, batch: ScheduledBatch) -> None:
+        """Scores the step's prompt positions for requests that asked for prompt logprobs.
+
+        The hidden state at position p predicts token p + 1, so a chunk covering positions
+        [start, start + n) scores the prompt tokens after them. A preempted request recomputes
+        from 0; positions it already recorded are skipped. Runs before `Scheduler.update` moves
+        `num_computed_tokens` past the chunk.
+        """
+        rows, targets, owners = [], [], []
+        offset = 0
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            start = request.num_computed_tokens
+            if request.params.prompt_logprobs is not None:
+                first = max(start, len(request.prompt_logprobs))  # next position not yet recorded
+                last = min(start + n, request.num_prompt_tokens - 1)
+                for p in range(first, last):
+                    rows.append(offset + p - start)
+                    targets.append(request.prompt_token_ids[p + 1])
+                    owners.append(request)
+            offset += n
+        if not rows:
+            return
+        target_lps, top_ids, top_lps = self.runner.prompt_logprobs(np.array(rows, np.int32),
+                                                                   np.array(targets, np.int32))
+        for i, (request, token) in enumerate(zip(owners, targets)):
+            k = request.params.prompt_logprobs
+            top = zip(top_ids[i, :k].tolist(), top_lps[i, :k].tolist())
+            request.prompt_logprobs.append({token: float(target_lps[i]), **dict(top)})
 
     def _postprocess(self, batch: ScheduledBatch, advanced: list[Request], sampled) -> list[RequestOutput]:
         rows = {id(r): i for i, r in enumerate(batch.requests)}
@@ -180,8 +210,12 @@ class Engine:
                 index=i, text=detok.text, token_ids=list(seq.output_token_ids),
                 cumulative_logprob=sum(lp for lp, _ in seq.logprobs) if seq.logprobs else None,
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        first = group.sequences[0]
+        prompt_logprobs = None
+        if first.params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *first.prompt_logprobs]
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             group.finished)
+                             group.finished, prompt_logprobs)
 
     # ---- set-up helpers ----------------------------------------------------------------------
 

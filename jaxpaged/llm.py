@@ -6,8 +6,8 @@ from tqdm.auto import tqdm
 
 from jaxpaged.config import EngineConfig
 from jaxpaged.engine import Engine, enable_compilation_cache
-from jaxpaged.prompts import encode_prompts, render_chat, sampling_defaults
-from jaxpaged.request import RequestOutput
+from jaxpaged.prompts import encode_pair, encode_prompts, render_chat, sampling_defaults
+from jaxpaged.request import RequestOutput, ScoreOutput
 from jaxpaged.sampling_params import SamplingParams
 
 
@@ -58,6 +58,32 @@ class LLM:
                     for conversation in conversations]
         token_lists, texts = [r[0] for r in rendered], [r[1] for r in rendered]
         return self._run(token_lists, texts, sampling_params, use_tqdm)
+
+    def score(self, contexts: list[str], continuations: list[str], *,
+              use_tqdm: bool = True) -> list[ScoreOutput]:
+        """log p(continuation | context) per pair, and whether greedy decoding would produce it.
+
+        What lm-evaluation-harness's `loglikelihood` needs. Pairs are tokenized as lm-eval does
+        (`prompts.encode_pair`: encode the whole text, split where the context's tokens end) and
+        scored in one batched run from the prompt logprobs of context + continuation.
+        """
+        if len(contexts) != len(continuations):
+            raise ValueError(f"got {len(contexts)} contexts for {len(continuations)} continuations")
+        if not contexts:
+            return []
+        pairs = [encode_pair(self.get_tokenizer(), c, x) for c, x in zip(contexts, continuations)]
+        # prompt_logprobs=1 brings the argmax along with the actual token: the greedy check.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+        outputs = self._run([whole for whole, _ in pairs], [None] * len(pairs), params, use_tqdm)
+        scores = []
+        for (whole, num_context), output in zip(pairs, outputs):
+            token_ids = whole[num_context:]
+            positions = output.prompt_logprobs[num_context:]
+            token_logprobs = [entry[token] for token, entry in zip(token_ids, positions)]
+            is_greedy = all(max(entry, key=entry.get) == token
+                            for token, entry in zip(token_ids, positions))
+            scores.append(ScoreOutput(sum(token_logprobs), is_greedy, token_ids, token_logprobs))
+        return scores
 
     # ---- internals ---------------------------------------------------------------------------
 

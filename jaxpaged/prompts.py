@@ -78,3 +78,27 @@ def check_conversation(conversation) -> None:
         if message["role"] not in MESSAGE_ROLES:
             raise ValueError(f"unknown message role {message['role']!r}; "
                              f"expected one of {', '.join(MESSAGE_ROLES)}")
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """Tokenizes a (context, continuation) pair the way lm-evaluation-harness does.
+
+    Trailing spaces move from the context to the continuation; the whole string is encoded once
+    (no special tokens) and split where the context's own tokens end, so the continuation's
+    tokens are those a model reading the whole text would see. An empty context is replaced by
+    the BOS (else EOS) token, lm-eval's prefix token. Returns (whole token ids, context length).
+    """
+    if not continuation:
+        raise ValueError("each continuation must be a non-empty string")
+    n_spaces = len(context) - len(context.rstrip(" "))
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        whole = [prefix] + tokenizer.encode(continuation, add_special_tokens=False)
+        return whole, 1
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    num_context = len(tokenizer.encode(context, add_special_tokens=False))
+    if num_context >= len(whole):
+        raise ValueError(f"the continuation {continuation!r} adds no tokens to its context")
+    return whole, num_context

@@ -33,6 +33,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     # Per generated token: (sampled logprob, [(token id, logprob), ...]) when logprobs are asked.
     logprobs: list = field(default_factory=list)
+    # Per prompt position 1, 2, ...: {token id: logprob} when prompt_logprobs are asked. Kept across
+    # preemption, so recomputed positions are not recorded twice.
+    prompt_logprobs: list = field(default_factory=list)
 
     @property
     def stop_token_ids_under_min_tokens(self) -> list[int]:
@@ -78,3 +81,16 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # Aligned with prompt_token_ids: None for the first token, then {token id: logprob} holding the
+    # actual token and the top prompt_logprobs (vLLM's format); None when not asked for.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+
+@dataclass
+class ScoreOutput:
+    """`LLM.score` for one (context, continuation) pair: lm-evaluation-harness's loglikelihood."""
+
+    logprob: float  # sum over the continuation's tokens of log p(token | everything before it)
+    is_greedy: bool  # every continuation token is the argmax at its position
+    token_ids: list[int]  # the continuation's tokens
+    token_logprobs: list[float]

@@ -1,4 +1,5 @@
-"""The device side of a step: one jitted forward per token bucket, one jitted sampler.
+"""The device side of a step: one jitted forward per token bucket, one jitted sampler, and one
+program that scores hidden rows for prompt logprobs.
 
 The runner owns the params and the paged KV cache (one array per layer, donated through the jit so
 XLA updates it in place). Everything it is given per step is a `StepInputs` of fixed shape, so after
@@ -12,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpaged.attention import get_kv_cache_shape, make_attention
 from jaxpaged.config import ModelConfig
-from jaxpaged.models.llama import forward
+from jaxpaged.models.llama import forward, token_logprobs
 from jaxpaged.sampler import SampleOutput, sample
 from jaxpaged.sampling_params import MAX_LOGPROBS
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
@@ -62,6 +64,11 @@ class ModelRunner:
         self._forward = jax.jit(functools.partial(forward, config=config, attention=attention),
                                 donate_argnames=("kv_pages",))
         self._sample = jax.jit(sample, static_argnames=("apply_penalties", "num_top_logprobs"))
+        # Prompt logprobs run on slices of this many hidden rows: one program for every bucket.
+        self.prompt_logprob_rows = min(token_buckets)
+        self._token_logprobs = jax.jit(token_logprobs, static_argnames=("num_top",))
+        self._token_logprobs_program = None
+        self._hidden = None  # [T, D] final-normed states of the last step's tokens
 
     def history_width(self, apply_penalties: bool) -> int:
         return self.max_model_len if apply_penalties else 1
@@ -69,13 +76,34 @@ class ModelRunner:
     def execute(self, inputs: StepInputs, *, apply_penalties: bool) -> SampleOutput:
         """Runs one step; returns the sampled tokens and logprobs as numpy arrays."""
         forward_program = self._forward_programs[inputs.token_ids.shape[0]]
-        logits, self.kv_pages = forward_program(self.params, self.kv_pages, inputs.token_ids,
-                                                inputs.attention)
+        logits, self._hidden, self.kv_pages = forward_program(
+            self.params, self.kv_pages, inputs.token_ids, inputs.attention)
         out = self._sample_programs[apply_penalties](logits, inputs.sampling)
         return SampleOutput(*jax.device_get(tuple(out)))
 
+    def prompt_logprobs(self, rows: np.ndarray, target_ids: np.ndarray):
+        """Log-probs of `target_ids` [N] at token `rows` [N] of the last `execute`d step.
+
+        Returns numpy (target logprobs [N], top ids [N, MAX_LOGPROBS], top logprobs [N, MAX_LOGPROBS]).
+        Only steps that score prompts pay for this: the hidden states come to the host once and
+        go back in fixed slices of `prompt_logprob_rows`, so no new shape is ever compiled.
+        """
+        hidden = np.asarray(jax.device_get(self._hidden))  # [T, D]
+        r, n = self.prompt_logprob_rows, len(rows)
+        outs = []
+        for start in range(0, n, r):
+            chunk_rows = np.zeros(r, np.int32)
+            chunk_targets = np.zeros(r, np.int32)
+            m = min(r, n - start)
+            chunk_rows[:m] = rows[start:start + m]
+            chunk_targets[:m] = target_ids[start:start + m]
+            out = self._token_logprobs_program(self.params, hidden[chunk_rows], chunk_targets)
+            outs.append([a[:m] for a in jax.device_get(out)])
+        return tuple(np.concatenate(parts) for parts in zip(*outs))
+
     def warmup(self) -> tuple[int, float]:
-        """Compiles one forward program per token bucket and the two sampler variants.
+        """Compiles one forward program per token bucket, the two sampler variants and the
+        prompt-logprob scorer.
 
         Programs are compiled ahead of time and called directly, so serving can never trigger a
         compile: a wrong shape would be an error, not a silent recompile. Lowering is Python and
@@ -93,10 +121,16 @@ class ModelRunner:
             sampling = self._dummy_inputs(self.token_buckets[0], apply_penalties).sampling
             lowered[("sample", apply_penalties)] = self._sample.lower(
                 logits, sampling, apply_penalties=apply_penalties, num_top_logprobs=MAX_LOGPROBS)
+        hidden = jax.ShapeDtypeStruct((self.prompt_logprob_rows, self.config.hidden_size),
+                                      self.params["embed"].dtype)
+        targets = jax.ShapeDtypeStruct((self.prompt_logprob_rows,), jnp.int32)
+        lowered[("token_logprobs",)] = self._token_logprobs.lower(
+            self.params, hidden, targets, num_top=MAX_LOGPROBS)
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
         self._forward_programs = {b: compiled[("forward", b)] for b in self.token_buckets}
         self._sample_programs = {p: compiled[("sample", p)] for p in (False, True)}
+        self._token_logprobs_program = compiled[("token_logprobs",)]
         return len(compiled), time.perf_counter() - start
 
     def _dummy_inputs(self, bucket: int, apply_penalties: bool) -> StepInputs:

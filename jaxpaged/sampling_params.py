@@ -23,6 +23,7 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
     logprobs: int | None = None  # top logprobs per generated token (0: only the sampled one)
+    prompt_logprobs: int | None = None  # top logprobs per prompt token (0: only the actual one)
     skip_special_tokens: bool = True
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
@@ -52,6 +53,10 @@ class SamplingParams:
               f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
               f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                               and not isinstance(self.prompt_logprobs, bool)
+                                               and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+              f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         check(all(isinstance(s, str) and s for s in stop), "stop must be a string or a list of non-empty strings")
         self.stop_strings = tuple(stop)

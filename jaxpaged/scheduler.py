@@ -180,6 +180,8 @@ class Scheduler:
         """Maps the longest cached prefix into a request holding no pages; returns tokens looked up."""
         if not self.pages.enable_prefix_caching or request.page_ids:
             return 0
+        if request.params.prompt_logprobs is not None:
+            return 0  # it needs the hidden state of every prompt position, so computes them all
         usable = (request.num_tokens - 1) // self.pages.page_size  # leave a token to compute
         hashes = self._hashes(request)[:usable]
         request.page_ids = self.pages.lookup(hashes)

@@ -19,3 +19,11 @@ def test_prefix_cache_smoke(capsys):
     assert prefix_cache.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "shared-prefix" in out and "no-sharing" in out and "hit rate" in out
+
+
+def test_serve_sweep_smoke(capsys):
+    import serve_sweep
+
+    assert serve_sweep.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "c=  1" in out and "c=  2" in out and "TTFT p50" in out and "ITL p50" in out

@@ -48,7 +48,10 @@ def references(llm):
     long = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
                         use_tqdm=False)[0]
     chat = llm.chat(MESSAGES, SamplingParams(**GREEDY), use_tqdm=False)[0]
-    return {"completions": completions, "long": long, "chat": chat}
+    scored = llm.generate([PROMPT, PROMPT_2], SamplingParams(temperature=0, max_tokens=4,
+                                                             ignore_eos=True, logprobs=1,
+                                                             prompt_logprobs=1), use_tqdm=False)
+    return {"completions": completions, "long": long, "chat": chat, "scored": scored}
 
 
 class Served:
@@ -240,6 +243,38 @@ def test_logprobs(served):
     assert plain.choices[0].logprobs is None
 
 
+def test_echo_scores_prompt(served, references):
+    """echo + max_tokens=0 + logprobs: lm-evaluation-harness's log-likelihood request."""
+    client = served.client()
+    out = client.completions.create(model=MODEL, prompt=[PROMPT, PROMPT_2], echo=True,
+                                    max_tokens=0, logprobs=1)
+    assert out.usage.completion_tokens == 0
+    for choice, ref in zip(sorted(out.choices, key=lambda c: c.index), references["scored"]):
+        ids = ref.prompt_token_ids
+        lp = choice.logprobs
+        assert choice.text == served.tokenizer.decode(ids)
+        assert lp.tokens == [served.tokenizer.decode([t]) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(
+            [entry[t] for t, entry in zip(ids[1:], ref.prompt_logprobs[1:])], abs=1e-5)
+        assert all(len(top) >= 1 for top in lp.top_logprobs[1:])
+        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(ids))]
+
+
+def test_echo_logprobs_with_generation(served, references):
+    ref = references["scored"][1]
+    ids, generated = ref.prompt_token_ids, ref.outputs[0]
+    out = served.client().completions.create(model=MODEL, prompt=PROMPT_2, echo=True, max_tokens=4,
+                                             temperature=0, logprobs=1,
+                                             extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == served.tokenizer.decode(ids) + generated.text
+    assert len(lp.tokens) == len(ids) + 4 and lp.token_logprobs[0] is None
+    expected = ([entry[t] for t, entry in zip(ids[1:], ref.prompt_logprobs[1:])]
+                + [entry[t] for t, entry in zip(generated.token_ids, generated.logprobs)])
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+
+
 def test_tokenize_detokenize(served):
     with served.http() as http:
         tokens = http.post("/tokenize", json={"prompt": PROMPT}).json()
@@ -270,7 +305,7 @@ BAD_REQUESTS = [
     ("token-out-of-vocab", C, {"prompt": [10**7]}, None, 400, "token ids"),
     ("max-tokens-str", C, {"prompt": "hi", "max_tokens": "ten"}, None, 400, "max_tokens"),
     ("max-tokens-neg", C, {"prompt": "hi", "max_tokens": -1}, None, 400, "max_tokens"),
-    ("max-tokens-zero", C, {"prompt": "hi", "max_tokens": 0}, None, 400, "not supported yet"),
+    ("max-tokens-zero", C, {"prompt": "hi", "max_tokens": 0}, None, 400, "echo"),
     ("max-tokens-huge", C, {"prompt": "hi", "max_tokens": 10**9}, None, 400,
      "maximum context length is 512 tokens"),
     ("prompt-too-long", C, {"prompt": [1] * 600, "max_tokens": 1}, None, 400,
@@ -284,7 +319,8 @@ BAD_REQUESTS = [
     ("n-huge", C, {"prompt": "hi", "n": 1000}, None, 400, "n"),
     ("logprobs-big", C, {"prompt": "hi", "logprobs": 99}, None, 400, "logprobs"),
     ("logprobs-bool", C, {"prompt": "hi", "logprobs": True}, None, 400, "logprobs"),
-    ("echo-logprobs", C, {"prompt": "hi", "echo": True, "logprobs": 1}, None, 400, "echo"),
+    ("echo-logprobs-stream", C, {"prompt": "hi", "echo": True, "logprobs": 1, "stream": True},
+     None, 400, "streaming"),
     ("stop-ints", C, {"prompt": "hi", "stop": [1, 2]}, None, 400, "stop"),
     ("stop-token-neg", C, {"prompt": "hi", "stop_token_ids": [-1]}, None, 400, "stop_token_ids"),
     ("seed-str", C, {"prompt": "hi", "seed": "x"}, None, 400, "seed"),

@@ -83,6 +83,8 @@ def test_no_compiles_after_warmup(smollm2_llm):
         (["n=2 with stops"], SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=20,
                                             stop=["\n"], min_tokens=2)),
         ([[1, 2, 3, 4, 5, 6, 7]] * 8, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
+        (["Prompt logprobs " * 30, "and a short one"],
+         SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=5)),
     ]
     with CompileCounter() as counter:
         for prompts, params in workloads:

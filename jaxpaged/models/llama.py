@@ -23,7 +23,8 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
     """One step over a ragged batch: returns logits at each sequence's last token and the cache.
 
     token_ids [T] int32; kv_pages: one array per layer in the attention backend's layout.
-    Returns (logits [S, vocab] float32, new kv_pages).
+    Returns (logits [S, vocab] float32, hidden [T, D], new kv_pages). `hidden` holds the
+    final-normed states of every scheduled token, for prompt logprobs (see `token_logprobs`).
     """
     num_tokens = token_ids.shape[0]
     hd, eps = config.head_dim, config.rms_norm_eps
@@ -52,7 +53,25 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
             x = x + swiglu_mlp(h, layer["gate_proj"], layer["up_proj"], layer["down_proj"])
         new_pages.append(pages)
 
-    x = rms_norm(x[metadata.logits_indices], params["final_norm"], eps)  # [S, D]
-    lm_head = params["lm_head"] if "lm_head" in params else params["embed"].T
-    logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)  # [S, vocab]
-    return logits, new_pages
+    # RMS norm is per row, so norming every token then gathering equals gathering then norming.
+    hidden = rms_norm(x, params["final_norm"], eps)  # [T, D]
+    logits = jnp.dot(hidden[metadata.logits_indices], lm_head_of(params),
+                     preferred_element_type=jnp.float32)  # [S, vocab]
+    return logits, hidden, new_pages
+
+
+def lm_head_of(params: dict):
+    return params["lm_head"] if "lm_head" in params else params["embed"].T  # [D, vocab]
+
+
+def token_logprobs(params: dict, hidden, target_ids, *, num_top: int):
+    """Log-probs over the vocabulary for final-normed hidden rows, in float32.
+
+    hidden [R, D]; target_ids [R] int32. Returns (target logprobs [R], top ids [R, num_top] int32,
+    top logprobs [R, num_top]), top entries in descending order.
+    """
+    logits = jnp.dot(hidden, lm_head_of(params), preferred_element_type=jnp.float32)  # [R, vocab]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)  # [R, vocab]
+    target = jnp.take_along_axis(logprobs, target_ids[:, None], axis=-1)[:, 0]  # [R]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)  # [R, num_top] each
+    return target, top_ids.astype(jnp.int32), top_logprobs

@@ -274,14 +274,23 @@ class OpenAIServer:
         for p, output in enumerate(finals):
             prefix = texts[p] if body.echo else ""
             for c in output.outputs:
+                # max_tokens=0: the engine generated one token to get there; it is not returned.
+                token_ids, entries, text, finish, stop_reason = (
+                    ([], [], "", "length", None) if body.prompt_only
+                    else (c.token_ids, c.logprobs, c.text, c.finish_reason, c.stop_reason))
                 logprobs = None
                 if k is not None:
-                    logprobs, _ = fmt.completion_logprobs(c.logprobs, c.token_ids, k,
-                                                          self.token_text, len(prefix))
-                choices.append({"index": p * n + c.index, "text": prefix + c.text,
-                                "logprobs": logprobs, "finish_reason": c.finish_reason,
-                                "stop_reason": c.stop_reason})
-                num_generated += len(c.token_ids)
+                    logprobs, _ = fmt.completion_logprobs(entries, token_ids, k, self.token_text,
+                                                          len(prefix))
+                    if body.echo:  # prompt tokens first, offsets counted from the prompt's start
+                        echoed, _ = fmt.completion_logprobs(output.prompt_logprobs,
+                                                            output.prompt_token_ids, k,
+                                                            self.token_text, 0)
+                        logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
+                choices.append({"index": p * n + c.index, "text": prefix + text,
+                                "logprobs": logprobs, "finish_reason": finish,
+                                "stop_reason": stop_reason})
+                num_generated += len(token_ids)
         return JSONResponse({**envelope, "choices": choices,
                              "usage": fmt.usage(num_prompt_tokens, num_generated)})
 

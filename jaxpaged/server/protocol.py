@@ -116,6 +116,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     cache_salt: str | None = None  # requests with different salts never share cached KV pages
+    prompt_only: bool = False  # max_tokens=0 with echo: the prompt (and its logprobs), no tokens
 
 
 @dataclass
@@ -156,17 +157,24 @@ def parse_completion(data: dict, model: ServedModel) -> CompletionRequest:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
     echo = fields.get("echo", "bool", False)
-    if echo and logprobs is not None:
-        raise APIError("'echo' with 'logprobs' needs prompt-token logprobs, which are not "
-                       "supported yet", param="echo")
+    stream, include_usage = _stream_flags(fields)
+    max_tokens = fields.get("max_tokens", "int")
+    # echo + max_tokens=0 scores the prompt without generating (how lm-evaluation-harness asks for
+    # log-likelihoods): the engine generates one token, which the response leaves out.
+    prompt_only = max_tokens == 0
+    if prompt_only and not echo:
+        raise APIError("max_tokens=0 returns nothing without 'echo': true", param="max_tokens")
+    if stream and echo and (prompt_only or logprobs is not None):
+        raise APIError("'echo' with 'logprobs' or max_tokens=0 is not supported when streaming",
+                       param="stream")
     best_of = fields.get("best_of", "int")
     if best_of is not None and best_of != fields.get("n", "int", 1):
         raise APIError("'best_of' other than 'n' is not supported", param="best_of")
-    params = _sampling_params(fields, model, fields.get("max_tokens", "int"), logprobs,
-                              num_prompts=len(prompts))
-    stream, include_usage = _stream_flags(fields)
+    params = _sampling_params(fields, model, 1 if prompt_only else max_tokens, logprobs,
+                              num_prompts=len(prompts),
+                              prompt_logprobs=logprobs if echo else None)
     return CompletionRequest(name, prompts, params, echo, stream, include_usage,
-                             fields.get("cache_salt", "str"))
+                             fields.get("cache_salt", "str"), prompt_only)
 
 
 def parse_chat(data: dict, model: ServedModel) -> ChatRequest:
@@ -229,10 +237,10 @@ def _stream_flags(fields: Fields) -> tuple[bool, bool]:
 
 
 def _sampling_params(fields: Fields, model: ServedModel, max_tokens, logprobs,
-                     *, num_prompts: int) -> SamplingParams:
+                     *, num_prompts: int, prompt_logprobs: int | None = None) -> SamplingParams:
     if max_tokens == 0:
-        raise APIError("max_tokens=0 (prompt scoring) needs prompt-token logprobs, which are not "
-                       "supported yet; ask for at least 1 token", param="max_tokens")
+        raise APIError("max_tokens must be at least 1 (max_tokens=0 scores a prompt only in "
+                       "/v1/completions with 'echo': true)", param="max_tokens")
     if fields.get("logit_bias", "object"):
         raise APIError("'logit_bias' is not supported yet", param="logit_bias")
     kwargs = {name: fields.get(name, kind) for name, kind in _SAMPLING_FIELDS.items()}
@@ -256,7 +264,8 @@ def _sampling_params(fields: Fields, model: ServedModel, max_tokens, logprobs,
         raise APIError(f"'min_tokens' must not exceed the context length "
                        f"({model.max_model_len} tokens)", param="min_tokens")
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs, **kwargs)
     except ValueError as error:
         message = str(error)
         first = message.split(" ", 1)[0]

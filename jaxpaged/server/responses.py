@@ -33,10 +33,19 @@ def _ranked(entry: dict[int, float], sampled: int, k: int) -> list[tuple[int, fl
 
 
 def completion_logprobs(entries, token_ids, k: int, token_text: TokenText, offset: int):
-    """OpenAI's legacy format for `token_ids[i]` with engine entries; returns (body, end offset)."""
+    """OpenAI's legacy format for `token_ids[i]` with engine entries; returns (body, end offset).
+
+    A None entry (the first prompt token, which nothing predicts) gets null logprobs.
+    """
     body = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token, entry in zip(token_ids, entries):
         text = token_text(token)
+        if entry is None:
+            for key, value in (("tokens", text), ("token_logprobs", None), ("top_logprobs", None),
+                               ("text_offset", offset)):
+                body[key].append(value)
+            offset += len(text)
+            continue
         top = {token_text(t): _finite(lp) for t, lp in _ranked(entry, token, k)}
         top.setdefault(text, _finite(entry[token]))
         body["tokens"].append(text)
