@@ -40,7 +40,7 @@ def make_batch(seqs, *, num_q_heads, num_kv_heads, head_dim, page_size, dtype, p
             jnp.asarray(page_indices, jnp.int32), jnp.asarray(cu, jnp.int32), jnp.asarray([len(seqs)], jnp.int32))
 
 
-def check(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4, num_kv_heads=1, head_dim=64, page_size=8,
+def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4, num_kv_heads=1, head_dim=64, page_size=8,
           q_block_size=4, pages_per_kv_block=2, atol=1e-4, **kw):
     args = make_batch(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       page_size=page_size, dtype=dtype, pad_tokens=kw.pop("pad_tokens", 0),
@@ -72,11 +72,11 @@ CPU_CASES = [
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k != "seqs"))
 def test_interpret_matches_reference(case):
-    check(interpret=True, **case)
+    check_against_reference(interpret=True, **case)
 
 
 def test_interpret_head_dim_128():
-    check(interpret=True, seqs=[(1, 9), (3, 10)], head_dim=128, num_q_heads=2, num_kv_heads=2)
+    check_against_reference(interpret=True, seqs=[(1, 9), (3, 10)], head_dim=128, num_q_heads=2, num_kv_heads=2)
 
 
 def test_bench_smoke():
@@ -98,13 +98,13 @@ GPU_SEQS = [
 @pytest.mark.parametrize("seqs", GPU_SEQS)
 @pytest.mark.parametrize("page_size,heads", [(16, (32, 8)), (16, (8, 8)), (32, (16, 4))])
 def test_compiled_matches_reference(dtype, atol, seqs, page_size, heads):
-    check(seqs, interpret=False, dtype=dtype, atol=atol, num_q_heads=heads[0], num_kv_heads=heads[1],
+    check_against_reference(seqs, interpret=False, dtype=dtype, atol=atol, num_q_heads=heads[0], num_kv_heads=heads[1],
           head_dim=128, page_size=page_size, q_block_size=16, pages_per_kv_block=4, pad_tokens=5, pad_seqs=1)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [dict(sliding_window=100), dict(soft_cap=30.0), dict(q_block_size=1)])
 def test_compiled_options(kw):
-    check(GPU_SEQS[2] if "q_block_size" not in kw else GPU_SEQS[0], interpret=False, dtype=jnp.bfloat16,
+    check_against_reference(GPU_SEQS[2] if "q_block_size" not in kw else GPU_SEQS[0], interpret=False, dtype=jnp.bfloat16,
           atol=3e-2, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
           **{"q_block_size": 16, **kw})

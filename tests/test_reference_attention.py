@@ -117,7 +117,7 @@ CONFIGS = [
 ]
 
 
-def run_and_check(rng, seqs, config, **batch_kwargs):
+def check_against_oracle(rng, seqs, config, **batch_kwargs):
     page_size, head_dim, hq, hkv, window, cap, chunk, bq, dtype = config
     args = make_batch(
         rng, seqs, page_size=page_size, num_q_heads=hq, num_kv_heads=hkv, head_dim=head_dim, dtype=dtype, **batch_kwargs
@@ -151,7 +151,7 @@ def test_matches_oracle(name, config):
     seqs = scenario(name, config[0])
     rng.shuffle(seqs)
     # One bucket for all three scenarios: one compilation per config.
-    run_and_check(rng, seqs, config, shape=(160, 10, 6, 20))
+    check_against_oracle(rng, seqs, config, shape=(160, 10, 6, 20))
 
 
 def test_random_ragged_batches():
@@ -162,15 +162,15 @@ def test_random_ragged_batches():
         for _ in range(rng.integers(1, 7)):
             kv_len = int(rng.integers(1, 60))
             seqs.append((int(rng.integers(0, kv_len + 1)), kv_len))
-        run_and_check(rng, seqs, config, pad_tokens=0, shape=(360, 8, 9, 56))
+        check_against_oracle(rng, seqs, config, pad_tokens=0, shape=(360, 8, 9, 56))
 
 
 def test_no_padding_and_all_padding():
     config = (8, 64, 4, 2, None, None, 16, 16, F32)
     rng = np.random.default_rng(1)
-    run_and_check(rng, [(3, 10), (1, 9)], config, pad_tokens=0, pad_seqs=0)
+    check_against_oracle(rng, [(3, 10), (1, 9)], config, pad_tokens=0, pad_seqs=0)
     # num_seqs == 0: every token is padding; outputs are zeros and the cache is untouched.
-    out = run_and_check(rng, [], config, pad_tokens=4, pad_seqs=2)
+    out = check_against_oracle(rng, [], config, pad_tokens=4, pad_seqs=2)
     assert not out.any()
 
 
