@@ -12,6 +12,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the model's shapes, made on device
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     token_buckets: tuple[int, ...] | None = None  # None: powers of two up to the token budget
+    load_format: str = "auto"
 
     def __post_init__(self):
         def positive(name):
@@ -138,6 +140,9 @@ class EngineConfig:
             positive(name)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
+                             f"got {self.load_format!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "

@@ -16,7 +16,7 @@ import numpy as np
 from jaxpaged.config import EngineConfig, ModelConfig, pick_bucket
 from jaxpaged.detokenizer import IncrementalDetokenizer
 from jaxpaged.model_source import resolve_model
-from jaxpaged.models.params import load_params
+from jaxpaged.models.params import load_params, random_params
 from jaxpaged.pages import PageManager
 from jaxpaged.request import CompletionOutput, Request, RequestOutput
 from jaxpaged.runner import ModelRunner, device_kv_budget, kv_bytes_per_page
@@ -47,12 +47,15 @@ class RequestGroup:
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.source = resolve_model(config.model)
+        self.source = resolve_model(config.model, config.load_format)
         self.model_config = ModelConfig.from_hf_config(self.source.hf_config())
-        self.tokenizer = self.source.tokenizer()
+        self.tokenizer = self.source.tokenizer()  # None: no tokenizer, prompts are token ids
         self.generation_defaults = self.source.generation_config()
         self.dtype = resolve_dtype(config.dtype)
-        self.params = load_params(self.model_config, self.source.weights(), self.dtype)
+        if config.load_format == "dummy":
+            self.params = random_params(self.model_config, self.dtype, seed=config.seed)
+        else:
+            self.params = load_params(self.model_config, self.source.weights(), self.dtype)
 
         model_len = self.model_config.max_position_embeddings
         self.max_model_len = config.max_model_len or model_len
@@ -90,6 +93,9 @@ class Engine:
         if any(t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         num_prompt = len(prompt_token_ids)
+        if self.tokenizer is None and params.stop_strings:
+            raise ValueError("stop strings need a tokenizer, and this model has none "
+                             "(a shipped config with load_format='dummy'); use stop_token_ids")
         if params.min_tokens and len(set(params.stop_token_ids) | self.eos_token_ids) > MAX_BANNED:
             raise ValueError(f"with min_tokens, at most {MAX_BANNED} stop_token_ids (EOS included) "
                              "are supported")
@@ -104,7 +110,8 @@ class Engine:
             detokenizers.append(IncrementalDetokenizer(
                 self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
                 stop_strings=params.stop_strings,
-                include_stop_str_in_output=params.include_stop_str_in_output))
+                include_stop_str_in_output=params.include_stop_str_in_output)
+                if self.tokenizer is not None else None)  # no tokenizer: token ids, no text
         for i, seq in enumerate(sequences):
             try:
                 self.scheduler.add(seq)
@@ -187,7 +194,8 @@ class Engine:
             if seq.finish_reason == "stop" and (isinstance(seq.stop_reason, int)
                                                 or seq.stop_reason is None):
                 continue  # EOS or a stop token id: not part of the text
-            stop = group.detokenizers[int(index)].add_token(token)
+            detokenizer = group.detokenizers[int(index)]
+            stop = detokenizer.add_token(token) if detokenizer is not None else None
             if stop is not None:
                 if seq.finished:  # also hit max_tokens: the stop string still wins
                     seq.finish_reason, seq.stop_reason = "stop", stop
@@ -207,7 +215,7 @@ class Engine:
                 logprobs = [{token: lp, **dict(top)}
                             for token, (lp, top) in zip(seq.output_token_ids, seq.logprobs)]
             completions.append(CompletionOutput(
-                index=i, text=detok.text, token_ids=list(seq.output_token_ids),
+                index=i, text=detok.text if detok is not None else "", token_ids=list(seq.output_token_ids),
                 cumulative_logprob=sum(lp for lp, _ in seq.logprobs) if seq.logprobs else None,
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         first = group.sequences[0]
@@ -239,7 +247,7 @@ class Engine:
     def _eos_token_ids(self) -> frozenset[int]:
         ids = self.generation_defaults.get("eos_token_id")
         ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
 

