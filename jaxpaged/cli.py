@@ -1,4 +1,4 @@
-"""`jaxpaged` command line: generate, chat, serve.
+"""`jaxpaged` command line: generate, chat, serve, bench.
 
 Engine flags are generated from EngineConfig's fields and named like vLLM's (`--max-model-len`).
 Errors reach the user as one line, never a traceback.
@@ -17,6 +17,8 @@ _FLAG_HELP = {
     "model": "HF directory, .gguf file or Hub name (default: the embedded SmolLM2-135M-Instruct)",
     "dtype": "auto (float32 on CPU, bfloat16 on accelerators), float32, bfloat16, float16",
     "attention_backend": "auto, reference or pallas",
+    "load_format": "auto (read the checkpoint) or dummy (random weights of the model's shapes; "
+                   "also for shipped configs: llama-3.1-8b, llama-3.2-1b, qwen2.5-7b)",
 }
 
 
@@ -144,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--uvicorn-log-level", default="info")
     add_engine_flags(serve)
     serve.set_defaults(handler=cmd_serve)
+
+    from jaxpaged.bench.commands import add_bench_parser
+
+    add_bench_parser(commands, add_engine_flags, engine_kwargs)
     return parser
 
 
