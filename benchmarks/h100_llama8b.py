@@ -1,0 +1,432 @@
+"""Llama-3.1-8B-shaped (random bf16 weights) on one H100: roofline, jaxpaged, transformers, one run.
+
+Parts, each in its own process so JAX and torch never hold GPU memory at the same time, each
+writing `PART.json` to --out-dir as soon as it is done (a run cut short keeps what finished):
+
+1. `hf`: transformers `generate` (torch on the GPU, bf16, random weights of the same config,
+   sdpa attention) on the first --hf-prompts prompts of the same workload, in static batches of
+   --hf-batch: the baseline.
+2. `jax`: device-to-device copy bandwidth and bf16 matmul rate; the decode floor (weights read
+   per step, the embedding table excepted since decode gathers only its rows, + KV bytes at
+   ctx 1024, over the copy bandwidth); decode step time at ctx 1024 for each --batches, split
+   into the compiled forward, the sampler and the rest (dispatch + the sampled ids' trip to the
+   host); then jaxpaged offline on `random` --input-len in / --output-len out, --num-prompts
+   prompts, EOS ignored, counting XLA compiles during the run (must be 0); then (--prefix-cache)
+   issue 7's workload: shared-prefix (32 groups x 16 requests, 1000-token prefix, 100-token
+   suffix) and a no-sharing workload of the same sizes, prefix caching on vs off.
+3. the summary: `h100_llama8b.json` and `h100_llama8b.md` in --out-dir.
+
+    python3 benchmarks/h100_llama8b.py --out-dir $OUT                 # on the H100
+    python3 benchmarks/h100_llama8b.py --smoke --out-dir /tmp/h100    # CPU, tiny shapes, minutes
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 512,
+               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+               "torch_dtype": "float32"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--part", choices=["all", "hf", "jax"], default="all")
+    parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--token-buckets", type=int, nargs="+", default=[16, 64, 256, 512, 1024, 2048])
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--hf-prompts", type=int, default=256)
+    parser.add_argument("--hf-batch", type=int, default=128)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--prefix-cache", action="store_true", help="also issue 7's workloads")
+    parser.add_argument("--prefix-groups", type=int, default=32)
+    parser.add_argument("--prefix-per-group", type=int, default=16)
+    parser.add_argument("--prefix-len", type=int, default=1000)
+    parser.add_argument("--suffix-len", type=int, default=100)
+    parser.add_argument("--prefix-output-len", type=int, default=32)
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds since the epoch after which optional parts are skipped")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        tiny = Path(args.out_dir) / "tiny-llama"
+        tiny.mkdir(parents=True, exist_ok=True)
+        (tiny / "config.json").write_text(json.dumps(TINY_CONFIG))
+        args.model, args.num_prompts, args.input_len, args.output_len = str(tiny), 12, 48, 8
+        args.batches, args.context, args.max_num_seqs = [1, 4], 64, 8
+        args.max_num_batched_tokens, args.token_buckets = 64, [16, 64]
+        args.hf_prompts, args.hf_batch = 4, 2
+        args.prefix_groups, args.prefix_per_group, args.prefix_len = 2, 3, 40
+        args.suffix_len, args.prefix_output_len = 8, 4
+    return args
+
+
+def workload(args):
+    from jaxpaged.bench.datasets import random_requests
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.model_source import resolve_model
+
+    config = ModelConfig.from_hf_config(resolve_model(args.model, "dummy").hf_config())
+    return random_requests(args.num_prompts, args.input_len, args.output_len, 0.0,
+                           config.vocab_size, seed=0)
+
+
+# ---- part 1: transformers generate ----------------------------------------------------------
+
+def run_hf(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxpaged.model_source import resolve_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf_config = resolve_model(args.model, "dummy").hf_config()
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype,
+                                                 attn_implementation="sdpa").eval()
+    setup = time.perf_counter() - start
+    requests = workload(args)[:args.hf_prompts]
+
+    def generate(batch, new_tokens):
+        ids = torch.tensor([r.prompt_token_ids for r in batch], device=device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=0)
+        assert out.shape[1] - ids.shape[1] == new_tokens
+        return out
+
+    generate(requests[:2], 4)  # warm-up: kernels, allocator
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    produced = 0
+    for i in range(0, len(requests), args.hf_batch):
+        batch = requests[i:i + args.hf_batch]
+        generate(batch, max(r.output_len for r in batch))
+        produced += sum(r.output_len for r in batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "num_prompts": len(requests), "batch": args.hf_batch, "setup_seconds": setup,
+            "seconds": seconds, "output_tokens": produced, "output_throughput": produced / seconds,
+            "request_throughput": len(requests) / seconds}
+
+
+# ---- part 2: roofline, decode steps, jaxpaged offline -----------------------------------------
+
+def median_seconds(fn, repeats: int) -> float:
+    import numpy as np
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def roofline(smoke: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n_bytes = (64 << 20) if smoke else (2 << 30)
+    x = jax.random.normal(jax.random.key(0), (n_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + 1)  # reads and writes every byte once
+    copy_s = median_seconds(lambda: copy(x).block_until_ready(), 20)
+    del x
+    n = 1024 if smoke else 8192
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    matmul = jax.jit(lambda p, q: p @ q)
+    matmul_s = median_seconds(lambda: matmul(a, b).block_until_ready(), 20)
+    return {"copy_bandwidth_bytes_s": 2 * n_bytes / copy_s, "matmul_flop_s": 2 * n ** 3 / matmul_s,
+            "matmul_n": n, "copy_bytes": n_bytes}
+
+
+def decode_steps(args, params, config, dtype, bandwidth: float) -> list[dict]:
+    """One decode step per batch size at ctx `args.context`, each part timed on its own."""
+    import jax
+    import numpy as np
+
+    from jaxpaged.request import Request
+    from jaxpaged.runner import ModelRunner
+    from jaxpaged.sampling_params import SamplingParams
+    from jaxpaged.step_inputs import build_step_inputs
+
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    weight_bytes -= params["embed"].size * params["embed"].dtype.itemsize  # decode gathers rows
+    if config.tie_word_embeddings:  # ...unless the table is also the lm_head
+        weight_bytes += params["embed"].size * params["embed"].dtype.itemsize
+    rows = []
+    page_size = 16
+    for batch in args.batches:
+        pages_per_seq = -(-(args.context + 1) // page_size)
+        bucket = max(batch, 16)
+        runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
+                             max_num_seqs=batch, pages_per_seq=pages_per_seq,
+                             max_model_len=args.context + 1, token_buckets=(bucket,),
+                             attention_backend=args.attention_backend, kv_dtype=dtype)
+        keys = jax.random.split(jax.random.key(1), len(runner.kv_pages))
+        runner.kv_pages = [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, runner.kv_pages)]
+        programs, compile_seconds = runner.warmup()
+        requests = []
+        for i in range(batch):  # each sequence holds `context` tokens and decodes one more
+            request = Request(str(i), np.random.randint(100, config.vocab_size, args.context).tolist(),
+                              SamplingParams(temperature=0), seed=i)
+            request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
+            request.num_computed_tokens = args.context - 1
+            requests.append(request)
+        inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
+                                   pages_per_seq=pages_per_seq, history_width=1)
+        forward = runner._forward_programs[bucket]
+        sample = runner._sample_programs[False]
+        repeats = 5 if args.smoke else 30
+        step = median_seconds(lambda: runner.execute(inputs, apply_penalties=False), repeats)
+
+        def forward_only():
+            logits, _, runner.kv_pages = forward(runner.params, runner.kv_pages, inputs.token_ids,
+                                                 inputs.attention)
+            logits.block_until_ready()
+            return logits
+
+        forward_s = median_seconds(forward_only, repeats)
+        logits = forward_only()
+        sample_s = median_seconds(lambda: jax.block_until_ready(sample(logits, inputs.sampling)),
+                                  repeats)
+        kv_bytes = (config.num_layers * batch * args.context * 2 * config.num_kv_heads
+                    * config.head_dim * np.dtype(dtype).itemsize)
+        floor = (weight_bytes + kv_bytes) / bandwidth
+        rows.append({"batch": batch, "context": args.context, "step_ms": 1e3 * step,
+                     "forward_ms": 1e3 * forward_s, "sample_ms": 1e3 * sample_s,
+                     "other_ms": 1e3 * (step - forward_s - sample_s),
+                     "floor_ms": 1e3 * floor, "ratio_to_floor": step / floor,
+                     "forward_ratio_to_floor": forward_s / floor,
+                     "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+                     "programs": programs, "compile_seconds": compile_seconds})
+        print(f"decode batch {batch:4d} ctx {args.context}: step {1e3 * step:7.2f} ms "
+              f"(forward {1e3 * forward_s:.2f}, sample {1e3 * sample_s:.2f}) | floor "
+              f"{1e3 * floor:.2f} ms | {step / floor:.2f}x", flush=True)
+        del runner, logits
+    return rows
+
+
+def run_jax(args) -> dict:
+    import gc
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpaged.attention import resolve_backend
+    from jaxpaged.bench.datasets import random_requests, shared_prefix_requests
+    from jaxpaged.bench.throughput import engine_summary, run_offline
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.llm import LLM
+    from jaxpaged.model_source import resolve_model
+    from jaxpaged.models.params import random_params
+
+    out = Path(args.out_dir)
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "attention_backend": resolve_backend(args.attention_backend, jax.devices()[0].platform)}
+
+    def save():
+        (out / "jax.json").write_text(json.dumps(report, indent=2))
+
+    report["roofline"] = roofline(args.smoke)
+    bw = report["roofline"]["copy_bandwidth_bytes_s"]
+    print(f"{report['device']}: copy {bw / 1e12:.2f} TB/s, bf16 matmul "
+          f"{report['roofline']['matmul_flop_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    save()
+    dtype = jnp.float32 if args.smoke else jnp.bfloat16
+    config = ModelConfig.from_hf_config(resolve_model(args.model, "dummy").hf_config())
+    params = random_params(config, dtype)
+    report["decode"] = decode_steps(args, params, config, dtype, bw)
+    del params
+    gc.collect()
+    save()
+
+    engine_args = dict(load_format="dummy", dtype="float32" if args.smoke else "bfloat16",
+                       max_model_len=args.input_len + args.output_len + 16,
+                       max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       token_buckets=tuple(args.token_buckets),
+                       gpu_memory_utilization=args.gpu_memory_utilization,
+                       attention_backend=args.attention_backend)
+    if args.prefix_cache:
+        needed = args.prefix_len + args.suffix_len + args.prefix_output_len + 16
+        engine_args["max_model_len"] = max(engine_args["max_model_len"], needed)
+    start = time.perf_counter()
+    llm = LLM(args.model, **engine_args)
+    report["engine"] = engine_summary(llm.engine)
+    report["engine"]["setup_seconds"] = time.perf_counter() - start
+    print(f"engine ready in {report['engine']['setup_seconds']:.1f} s "
+          f"({llm.engine.num_compiles} programs, {llm.engine.pages.num_pages} pages)", flush=True)
+    report["offline"] = run_offline(llm.engine, workload(args), ignore_eos=True)
+    print_offline("offline random", report["offline"])
+    save()
+
+    if args.prefix_cache and (args.deadline is None or time.time() < args.deadline):
+        vocab = config.vocab_size
+        shared = shared_prefix_requests(args.prefix_groups, args.prefix_per_group, args.prefix_len,
+                                        args.suffix_len, args.prefix_output_len, vocab, seed=1)
+        unique = random_requests(len(shared), args.prefix_len + args.suffix_len,
+                                 args.prefix_output_len, 0.0, vocab, seed=2)
+        runs = report["prefix_cache"] = {}
+        for caching in (True, False):
+            if not caching:
+                del llm
+                gc.collect()
+                llm = LLM(args.model, **engine_args, enable_prefix_caching=False)
+            for name, requests in (("shared-prefix", shared), ("no-sharing", unique)):
+                key = f"{name} caching={'on' if caching else 'off'}"
+                runs[key] = run_offline(llm.engine, requests, ignore_eos=True, request_prefix=key)
+                print_offline(key, runs[key])
+                save()
+    return report
+
+
+def print_offline(name: str, r: dict) -> None:
+    print(f"{name}: {r['output_throughput']:.0f} out tok/s, {r['total_token_throughput']:.0f} total "
+          f"tok/s, {r['request_throughput']:.2f} req/s | TTFT mean {r['mean_ttft_ms']:.0f} ms | "
+          f"step {r['mean_step_ms']:.1f} ms = execute {r['mean_execute_ms']:.1f} + host "
+          f"{r['mean_host_ms']:.1f} | peak KV {r['peak_kv_usage']:.0%} | hit rate "
+          f"{r['prefix_cache_hit_rate']:.0%} | {r['compiles_during_run']} compiles", flush=True)
+
+
+# ---- orchestration ---------------------------------------------------------------------------
+
+def run_part(part: str, argv: list[str], env: dict) -> None:
+    command = [sys.executable, str(Path(__file__).resolve()), "--part", part, *argv]
+    result = subprocess.run(command, env=env)
+    if result.returncode:
+        print(f"part {part} exited with {result.returncode}", flush=True)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.part == "hf":
+        (out / "hf.json").write_text(json.dumps(run_hf(args), indent=2))
+        return 0
+    if args.part == "jax":
+        run_jax(args)
+        return 0
+    env = dict(os.environ)
+    if args.smoke:
+        env["JAX_PLATFORMS"] = "cpu"
+    else:  # the engine sizes its KV cache from what JAX may take: let it take most of the card
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    start = time.time()
+    if not args.skip_hf:
+        run_part("hf", argv, env)
+    run_part("jax", argv, env)
+    summary = summarize(out, args, argv, time.time() - start)
+    (out / "h100_llama8b.json").write_text(json.dumps(summary, indent=2))
+    (out / "h100_llama8b.md").write_text(render_markdown(summary))
+    print(render_markdown(summary))
+    return 0
+
+
+def summarize(out: Path, args, argv: list[str], seconds: float) -> dict:
+    def load(name):
+        path = out / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    summary = {"command": "python3 benchmarks/h100_llama8b.py " + " ".join(argv),
+               "wall_seconds": seconds, "args": vars(args), "hf": load("hf"), "jax": load("jax")}
+    jax_part, hf = summary["jax"] or {}, summary["hf"]
+    offline = jax_part.get("offline")
+    if offline:
+        summary["output_tok_s"] = offline["output_throughput"]
+        summary["target_output_tok_s"] = 5800
+        if hf:
+            summary["speedup_vs_transformers"] = offline["output_throughput"] / hf["output_throughput"]
+    return summary
+
+
+def render_markdown(s: dict) -> str:
+    j, hf = s.get("jax") or {}, s.get("hf")
+    lines = [f"# Llama-3.1-8B-shaped, bf16, random weights: {j.get('device', '?')}", "",
+             "Command:", "", f"    {s['command']}", "",
+             f"jax {j.get('jax', '?')}, attention backend `{j.get('attention_backend', '?')}`; "
+             f"whole run {s['wall_seconds']:.0f} s.", ""]
+    if "roofline" in j:
+        r = j["roofline"]
+        lines += [f"Measured: copy bandwidth {r['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s "
+                  f"(read + write of {r['copy_bytes'] / 2**30:.2f} GiB), bf16 matmul "
+                  f"{r['matmul_flop_s'] / 1e12:.0f} TFLOP/s ({r['matmul_n']}^3).", ""]
+    if j.get("decode"):
+        lines += ["## Decode step at ctx 1024 vs the floor", "",
+                  "| batch | step | forward | sampler | rest | floor | step/floor | target |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        targets = {1: 1.15, 256: 1.3}
+        for row in j["decode"]:
+            target = targets.get(row["batch"])
+            lines.append(f"| {row['batch']} | {row['step_ms']:.2f} ms | {row['forward_ms']:.2f} ms | "
+                         f"{row['sample_ms']:.2f} ms | {row['other_ms']:.2f} ms | "
+                         f"{row['floor_ms']:.2f} ms | {row['ratio_to_floor']:.2f}x | "
+                         f"{f'<= {target}x' if target else '-'} |")
+        lines.append("")
+    if j.get("offline"):
+        o, e = j["offline"], j.get("engine", {})
+        lines += ["## Offline throughput, random 1024 in / 128 out", "",
+                  f"{o['completed']} prompts, EOS ignored; engine: max_num_seqs {e.get('max_num_seqs')}, "
+                  f"max_num_batched_tokens {e.get('max_num_batched_tokens')}, buckets "
+                  f"{e.get('token_buckets')}, {e.get('num_pages')} pages of {e.get('page_size')}; "
+                  f"ready in {e.get('setup_seconds', 0):.0f} s ({e.get('warmup_programs')} programs).", "",
+                  "| engine | output tok/s | total tok/s | req/s | prompts |", "| --- | --- | --- | --- | --- |",
+                  f"| jaxpaged | {o['output_throughput']:.0f} | {o['total_token_throughput']:.0f} | "
+                  f"{o['request_throughput']:.2f} | {o['completed']} |"]
+        if hf:
+            lines.append(f"| transformers generate (static batches of {hf['batch']}) | "
+                         f"{hf['output_throughput']:.0f} | - | {hf['request_throughput']:.2f} | "
+                         f"{hf['num_prompts']} (subsample) |")
+        lines += ["", f"Target >= 5800 output tok/s: {o['output_throughput'] / 5800:.2f}x of it."]
+        if s.get("speedup_vs_transformers"):
+            lines.append(f"jaxpaged / transformers: {s['speedup_vs_transformers']:.2f}x.")
+        lines += ["", f"Per engine step ({o['num_steps']} steps): {o['mean_step_ms']:.1f} ms = "
+                  f"execute (device + dispatch) {o['mean_execute_ms']:.1f} ms + host "
+                  f"{o['mean_host_ms']:.1f} ms. TTFT mean {o['mean_ttft_ms']:.0f} ms, TPOT mean "
+                  f"{o['mean_tpot_ms']:.1f} ms. Peak KV usage {o['peak_kv_usage']:.0%}. "
+                  f"Compiles during the run: {o['compiles_during_run']}.", ""]
+    if j.get("prefix_cache"):
+        lines += ["## Prefix caching (issue 7)", "",
+                  "| workload | caching | output tok/s | total tok/s | mean TTFT | hit rate |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for key, r in j["prefix_cache"].items():
+            name, caching = key.split(" caching=")
+            lines.append(f"| {name} | {caching} | {r['output_throughput']:.0f} | "
+                         f"{r['total_token_throughput']:.0f} | {r['mean_ttft_ms']:.0f} ms | "
+                         f"{r['prefix_cache_hit_rate']:.0%} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
