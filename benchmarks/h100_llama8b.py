@@ -65,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds since the epoch after which optional parts are skipped")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code)")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="rebuild the summary from the part files already in --out-dir")
     args = parser.parse_args(argv)
     if args.smoke:
         tiny = Path(args.out_dir) / "tiny-llama"
@@ -182,9 +184,11 @@ def decode_steps(args, params, config, dtype, bandwidth: float) -> list[dict]:
     weight_bytes -= params["embed"].size * params["embed"].dtype.itemsize  # decode gathers rows
     if config.tie_word_embeddings:  # ...unless the table is also the lm_head
         weight_bytes += params["embed"].size * params["embed"].dtype.itemsize
+    import gc
+
     rows = []
     page_size = 16
-    for batch in args.batches:
+    for batch in sorted(args.batches, reverse=True):  # the largest first, into unfragmented memory
         pages_per_seq = -(-(args.context + 1) // page_size)
         bucket = max(batch, 16)
         runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
@@ -231,8 +235,9 @@ def decode_steps(args, params, config, dtype, bandwidth: float) -> list[dict]:
         print(f"decode batch {batch:4d} ctx {args.context}: step {1e3 * step:7.2f} ms "
               f"(forward {1e3 * forward_s:.2f}, sample {1e3 * sample_s:.2f}) | floor "
               f"{1e3 * floor:.2f} ms | {step / floor:.2f}x", flush=True)
-        del runner, logits
-    return rows
+        del runner, logits, forward_only, inputs, requests
+        gc.collect()
+    return sorted(rows, key=lambda row: row["batch"])
 
 
 def run_jax(args) -> dict:
@@ -337,6 +342,11 @@ def main(argv=None) -> int:
     if args.part == "jax":
         run_jax(args)
         return 0
+    if args.summarize_only:
+        summary = summarize(out, args, argv, 0.0)
+        (out / "h100_llama8b.json").write_text(json.dumps(summary, indent=2))
+        (out / "h100_llama8b.md").write_text(render_markdown(summary))
+        return 0
     env = dict(os.environ)
     if args.smoke:
         env["JAX_PLATFORMS"] = "cpu"
@@ -382,7 +392,7 @@ def render_markdown(s: dict) -> str:
                   f"(read + write of {r['copy_bytes'] / 2**30:.2f} GiB), bf16 matmul "
                   f"{r['matmul_flop_s'] / 1e12:.0f} TFLOP/s ({r['matmul_n']}^3).", ""]
     if j.get("decode"):
-        lines += ["## Decode step at ctx 1024 vs the floor", "",
+        lines += [f"## Decode step at ctx {s['args']['context']} vs the floor", "",
                   "| batch | step | forward | sampler | rest | floor | step/floor | target |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         targets = {1: 1.15, 256: 1.3}
@@ -395,7 +405,8 @@ def render_markdown(s: dict) -> str:
         lines.append("")
     if j.get("offline"):
         o, e = j["offline"], j.get("engine", {})
-        lines += ["## Offline throughput, random 1024 in / 128 out", "",
+        w = s["args"]
+        lines += [f"## Offline throughput, random {w['input_len']} in / {w['output_len']} out", "",
                   f"{o['completed']} prompts, EOS ignored; engine: max_num_seqs {e.get('max_num_seqs')}, "
                   f"max_num_batched_tokens {e.get('max_num_batched_tokens')}, buckets "
                   f"{e.get('token_buckets')}, {e.get('num_pages')} pages of {e.get('page_size')}; "
