@@ -172,6 +172,46 @@ def roofline(smoke: bool) -> dict:
 
 def decode_steps(args, params, config, dtype, bandwidth: float) -> list[dict]:
     """One decode step per batch size at ctx `args.context`, each part timed on its own."""
+    import gc
+
+    import jax
+
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    if not config.tie_word_embeddings:  # decode gathers a few embedding rows, not the table
+        weight_bytes -= params["embed"].size * params["embed"].dtype.itemsize
+    rows = []
+    for batch in sorted(args.batches, reverse=True):  # the largest first, into unfragmented memory
+        try:
+            rows.append(decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes))
+        except Exception as error:  # noqa: BLE001 - an OOM at one batch must not lose the others
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            rows.append({"batch": batch, "context": args.context,
+                         "error": str(error).splitlines()[0][:300], "memory": memory_stats()})
+            print(f"decode batch {batch}: out of memory ({rows[-1]['memory']})", flush=True)
+        gc.collect()
+    return sorted(rows, key=lambda row: row["batch"])
+
+
+def memory_stats() -> dict:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return {k: stats[k] for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
+def program_bytes(program) -> dict:
+    """XLA's own account of a compiled program's device memory."""
+    try:
+        analysis = program.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return {}
+    names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+             "alias_size_in_bytes")
+    return {name: int(getattr(analysis, name)) for name in names if hasattr(analysis, name)}
+
+
+def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> dict:
     import jax
     import numpy as np
 
@@ -180,64 +220,57 @@ def decode_steps(args, params, config, dtype, bandwidth: float) -> list[dict]:
     from jaxpaged.sampling_params import SamplingParams
     from jaxpaged.step_inputs import build_step_inputs
 
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    weight_bytes -= params["embed"].size * params["embed"].dtype.itemsize  # decode gathers rows
-    if config.tie_word_embeddings:  # ...unless the table is also the lm_head
-        weight_bytes += params["embed"].size * params["embed"].dtype.itemsize
-    import gc
-
-    rows = []
     page_size = 16
-    for batch in sorted(args.batches, reverse=True):  # the largest first, into unfragmented memory
-        pages_per_seq = -(-(args.context + 1) // page_size)
-        bucket = max(batch, 16)
-        runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
-                             max_num_seqs=batch, pages_per_seq=pages_per_seq,
-                             max_model_len=args.context + 1, token_buckets=(bucket,),
-                             attention_backend=args.attention_backend, kv_dtype=dtype)
-        keys = jax.random.split(jax.random.key(1), len(runner.kv_pages))
-        runner.kv_pages = [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, runner.kv_pages)]
-        programs, compile_seconds = runner.warmup()
-        requests = []
-        for i in range(batch):  # each sequence holds `context` tokens and decodes one more
-            request = Request(str(i), np.random.randint(100, config.vocab_size, args.context).tolist(),
-                              SamplingParams(temperature=0), seed=i)
-            request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
-            request.num_computed_tokens = args.context - 1
-            requests.append(request)
-        inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
-                                   pages_per_seq=pages_per_seq, history_width=1)
-        forward = runner._forward_programs[bucket]
-        sample = runner._sample_programs[False]
-        repeats = 5 if args.smoke else 30
-        step = median_seconds(lambda: runner.execute(inputs, apply_penalties=False), repeats)
+    pages_per_seq = -(-(args.context + 1) // page_size)
+    bucket = max(batch, 16)
+    runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
+                         max_num_seqs=batch, pages_per_seq=pages_per_seq,
+                         max_model_len=args.context + 1, token_buckets=(bucket,),
+                         attention_backend=args.attention_backend, kv_dtype=dtype)
+    keys = jax.random.split(jax.random.key(1), len(runner.kv_pages))
+    runner.kv_pages = [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, runner.kv_pages)]
+    programs, compile_seconds = runner.warmup()
+    requests = []
+    for i in range(batch):  # each sequence holds `context` tokens and decodes one more
+        request = Request(str(i), np.random.randint(100, config.vocab_size, args.context).tolist(),
+                          SamplingParams(temperature=0), seed=i)
+        request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
+        request.num_computed_tokens = args.context - 1
+        requests.append(request)
+    inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
+                               pages_per_seq=pages_per_seq, history_width=1)
+    forward = runner._forward_programs[bucket]
+    sample = runner._sample_programs[False]
+    print(f"decode batch {batch}: compiled; forward {program_bytes(forward)}, sampler "
+          f"{program_bytes(sample)}, device {memory_stats()}", flush=True)
+    repeats = 5 if args.smoke else 30
+    step = median_seconds(lambda: runner.execute(inputs, apply_penalties=False), repeats)
 
-        def forward_only():
-            logits, _, runner.kv_pages = forward(runner.params, runner.kv_pages, inputs.token_ids,
-                                                 inputs.attention)
-            logits.block_until_ready()
-            return logits
+    def forward_only():
+        logits, _, runner.kv_pages = forward(runner.params, runner.kv_pages, inputs.token_ids,
+                                             inputs.attention)
+        logits.block_until_ready()
+        return logits
 
-        forward_s = median_seconds(forward_only, repeats)
-        logits = forward_only()
-        sample_s = median_seconds(lambda: jax.block_until_ready(sample(logits, inputs.sampling)),
-                                  repeats)
-        kv_bytes = (config.num_layers * batch * args.context * 2 * config.num_kv_heads
-                    * config.head_dim * np.dtype(dtype).itemsize)
-        floor = (weight_bytes + kv_bytes) / bandwidth
-        rows.append({"batch": batch, "context": args.context, "step_ms": 1e3 * step,
-                     "forward_ms": 1e3 * forward_s, "sample_ms": 1e3 * sample_s,
-                     "other_ms": 1e3 * (step - forward_s - sample_s),
-                     "floor_ms": 1e3 * floor, "ratio_to_floor": step / floor,
-                     "forward_ratio_to_floor": forward_s / floor,
-                     "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
-                     "programs": programs, "compile_seconds": compile_seconds})
-        print(f"decode batch {batch:4d} ctx {args.context}: step {1e3 * step:7.2f} ms "
-              f"(forward {1e3 * forward_s:.2f}, sample {1e3 * sample_s:.2f}) | floor "
-              f"{1e3 * floor:.2f} ms | {step / floor:.2f}x", flush=True)
-        del runner, logits, forward_only, inputs, requests
-        gc.collect()
-    return sorted(rows, key=lambda row: row["batch"])
+    forward_s = median_seconds(forward_only, repeats)
+    logits = forward_only()
+    sample_s = median_seconds(lambda: jax.block_until_ready(sample(logits, inputs.sampling)),
+                              repeats)
+    kv_bytes = (config.num_layers * batch * args.context * 2 * config.num_kv_heads
+                * config.head_dim * np.dtype(dtype).itemsize)
+    floor = (weight_bytes + kv_bytes) / bandwidth
+    row = {"batch": batch, "context": args.context, "step_ms": 1e3 * step,
+           "forward_ms": 1e3 * forward_s, "sample_ms": 1e3 * sample_s,
+           "other_ms": 1e3 * (step - forward_s - sample_s), "floor_ms": 1e3 * floor,
+           "ratio_to_floor": step / floor, "forward_ratio_to_floor": forward_s / floor,
+           "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "programs": programs,
+           "compile_seconds": compile_seconds, "forward_program_bytes": program_bytes(forward),
+           "sample_program_bytes": program_bytes(sample), "memory": memory_stats()}
+    print(f"decode batch {batch:4d} ctx {args.context}: step {1e3 * step:7.2f} ms "
+          f"(forward {1e3 * forward_s:.2f}, sample {1e3 * sample_s:.2f}) | floor "
+          f"{1e3 * floor:.2f} ms | {step / floor:.2f}x | forward temp "
+          f"{row['forward_program_bytes'].get('temp_size_in_bytes', 0) / 2**30:.1f} GiB", flush=True)
+    return row
 
 
 def run_jax(args) -> dict:
@@ -284,13 +317,33 @@ def run_jax(args) -> dict:
     if args.prefix_cache:
         needed = args.prefix_len + args.suffix_len + args.prefix_output_len + 16
         engine_args["max_model_len"] = max(engine_args["max_model_len"], needed)
-    start = time.perf_counter()
-    llm = LLM(args.model, **engine_args)
-    report["engine"] = engine_summary(llm.engine)
-    report["engine"]["setup_seconds"] = time.perf_counter() - start
-    print(f"engine ready in {report['engine']['setup_seconds']:.1f} s "
-          f"({llm.engine.num_compiles} programs, {llm.engine.pages.num_pages} pages)", flush=True)
-    report["offline"] = run_offline(llm.engine, workload(args), ignore_eos=True)
+    utilizations = [args.gpu_memory_utilization, 0.6] if not args.smoke else [0.9]
+    for utilization in utilizations:
+        engine_args["gpu_memory_utilization"] = utilization
+        start = time.perf_counter()
+        llm = LLM(args.model, **engine_args)
+        report["engine"] = engine_summary(llm.engine)
+        report["engine"]["setup_seconds"] = time.perf_counter() - start
+        report["engine"]["gpu_memory_utilization"] = utilization
+        report["engine"]["memory_after_warmup"] = memory_stats()
+        report["engine"]["forward_program_bytes"] = {
+            b: program_bytes(p) for b, p in llm.engine.runner._forward_programs.items()}
+        print(f"engine ready in {report['engine']['setup_seconds']:.1f} s "
+              f"({llm.engine.num_compiles} programs, {llm.engine.pages.num_pages} pages, "
+              f"utilization {utilization}, memory {memory_stats()})", flush=True)
+        try:
+            report["offline"] = run_offline(llm.engine, workload(args), ignore_eos=True)
+            break
+        except Exception as error:  # noqa: BLE001
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            report.setdefault("engine_oom", []).append(
+                {"gpu_memory_utilization": utilization, "error": str(error).splitlines()[0][:300],
+                 "memory": memory_stats()})
+            print(f"offline run out of memory at utilization {utilization}", flush=True)
+            save()
+            del llm
+            gc.collect()
     print_offline("offline random", report["offline"])
     save()
 
@@ -305,7 +358,9 @@ def run_jax(args) -> dict:
             if not caching:
                 del llm
                 gc.collect()
-                llm = LLM(args.model, **engine_args, enable_prefix_caching=False)
+                llm = LLM(args.model, **{**engine_args, "enable_prefix_caching": False})
+            warm = random_requests(4, 64, 4, 0.0, vocab, seed=3)  # first executions, not measured
+            run_offline(llm.engine, warm, ignore_eos=True, request_prefix=f"warm-{caching}")
             for name, requests in (("shared-prefix", shared), ("no-sharing", unique)):
                 key = f"{name} caching={'on' if caching else 'off'}"
                 runs[key] = run_offline(llm.engine, requests, ignore_eos=True, request_prefix=key)
@@ -397,6 +452,9 @@ def render_markdown(s: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         targets = {1: 1.15, 256: 1.3}
         for row in j["decode"]:
+            if "error" in row:
+                lines.append(f"| {row['batch']} | {row['error'][:80]} | | | | | | |")
+                continue
             target = targets.get(row["batch"])
             lines.append(f"| {row['batch']} | {row['step_ms']:.2f} ms | {row['forward_ms']:.2f} ms | "
                          f"{row['sample_ms']:.2f} ms | {row['other_ms']:.2f} ms | "

@@ -1,62 +1,33 @@
-"""Prefix caching on vs off: a shared-prefix workload and a workload with no sharing.
+"""Prefix caching on vs off (issue 7), on top of `jaxpaged.bench`: a shared-prefix workload and a
+workload of the same sizes with nothing shared.
 
-shared-prefix: G groups x R requests; each group shares a system prompt of P tokens, each request
-adds a unique suffix of U tokens and generates O tokens (EOS ignored). Requests of a group arrive
-together; the engine runs with prefix caching on and then off, on identical token ids.
-no-sharing: the same sizes with every prompt unique, to show what caching costs when it can't help.
-Reports throughput, mean/median TTFT (from submission) and the prefix-cache hit rate.
+shared-prefix: G groups x R requests sharing a P-token prefix, each adding a unique U-token suffix
+and generating O tokens (EOS ignored); no-sharing: `random` prompts of P + U tokens. Each runs
+offline (all requests submitted at once) on an engine with prefix caching on, then off.
 
     python3 benchmarks/prefix_cache.py                 # CPU, SmolLM2 float32 (default sizes)
     python3 benchmarks/prefix_cache.py --smoke         # seconds; exercises the code
+    jaxpaged bench throughput --dataset shared-prefix ...   # the same workload, one engine
 """
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jaxpaged.bench.datasets import random_requests, shared_prefix_requests  # noqa: E402
+from jaxpaged.bench.throughput import engine_summary, run_offline  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def workloads(groups: int, per_group: int, prefix: int, suffix: int, seed: int, vocab: int):
-    rng = np.random.default_rng(seed)
-    shared = []
-    for _ in range(groups):
-        system = rng.integers(100, vocab, prefix).tolist()
-        shared += [system + rng.integers(100, vocab, suffix).tolist() for _ in range(per_group)]
-    unique = [rng.integers(100, vocab, prefix + suffix).tolist() for _ in range(groups * per_group)]
-    return {"shared-prefix": shared, "no-sharing": unique}
-
-
-def run(llm, prompts, output_len: int) -> dict:
-    from jaxpaged import SamplingParams
-
-    engine = llm.engine
-    hits0, queries0 = engine.scheduler.prefix_cache_hits, engine.scheduler.prefix_cache_queries
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"bench-{i}", prompt, params)
-    first_token = {}
-    while engine.has_unfinished:
-        for output in engine.step():
-            first_token.setdefault(output.request_id, time.perf_counter() - start)
-    elapsed = time.perf_counter() - start
-    ttft = np.array(list(first_token.values()))
-    hits = engine.scheduler.prefix_cache_hits - hits0
-    queries = engine.scheduler.prefix_cache_queries - queries0
-    return {"seconds": elapsed, "output_tok_s": len(prompts) * output_len / elapsed,
-            "total_tok_s": (sum(map(len, prompts)) + len(prompts) * output_len) / elapsed,
-            "ttft_mean_ms": 1e3 * ttft.mean(), "ttft_median_ms": 1e3 * float(np.median(ttft)),
-            "hit_rate": hits / queries if queries else 0.0}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--per-group", type=int, default=4)
     parser.add_argument("--prefix-len", type=int, default=512)
@@ -74,34 +45,40 @@ def main(argv=None) -> int:
 
     from jaxpaged import LLM
 
-    rows = {}
+    rows, engines = {}, {}
     for caching in (True, False):
-        llm = LLM(args.model, dtype="float32", max_num_seqs=args.max_num_seqs,
+        llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format,
+                  max_num_seqs=args.max_num_seqs,
                   max_model_len=args.prefix_len + args.suffix_len + args.output_len + 16,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=caching)
         vocab = llm.engine.model_config.vocab_size
-        for name, prompts in workloads(args.groups, args.per_group, args.prefix_len,
-                                       args.suffix_len, args.seed, vocab).items():
-            result = run(llm, prompts, args.output_len)
-            rows[f"{name} caching={'on' if caching else 'off'}"] = result
-            print(f"{name:14s} caching={'on ' if caching else 'off'} | {result['output_tok_s']:7.1f} out tok/s "
-                  f"{result['total_tok_s']:8.1f} total tok/s | TTFT mean {result['ttft_mean_ms']:7.0f} ms "
-                  f"median {result['ttft_median_ms']:7.0f} ms | hit rate {result['hit_rate']:.2f}", flush=True)
+        count = args.groups * args.per_group
+        workloads = {
+            "shared-prefix": shared_prefix_requests(args.groups, args.per_group, args.prefix_len,
+                                                    args.suffix_len, args.output_len, vocab, args.seed),
+            "no-sharing": random_requests(count, args.prefix_len + args.suffix_len, args.output_len,
+                                          0.0, vocab, args.seed + 1)}
+        engines[f"caching={'on' if caching else 'off'}"] = engine_summary(llm.engine)
+        for name, requests in workloads.items():
+            key = f"{name} caching={'on' if caching else 'off'}"
+            result = rows[key] = run_offline(llm.engine, requests, ignore_eos=True, request_prefix=key)
+            print(f"{name:14s} caching={'on ' if caching else 'off'} | {result['output_throughput']:7.1f} "
+                  f"out tok/s {result['total_token_throughput']:8.1f} total tok/s | TTFT mean "
+                  f"{result['mean_ttft_ms']:7.0f} ms median {result['median_ttft_ms']:7.0f} ms | "
+                  f"hit rate {result['prefix_cache_hit_rate']:.2f}", flush=True)
         del llm
     on, off = rows["shared-prefix caching=on"], rows["shared-prefix caching=off"]
     plain_on, plain_off = rows["no-sharing caching=on"], rows["no-sharing caching=off"]
-    summary = {"shared_prefix_speedup": on["total_tok_s"] / off["total_tok_s"],
-               "shared_prefix_ttft_ratio": off["ttft_mean_ms"] / on["ttft_mean_ms"],
-               "no_sharing_slowdown": 1 - plain_on["total_tok_s"] / plain_off["total_tok_s"]}
+    summary = {"shared_prefix_speedup": on["total_token_throughput"] / off["total_token_throughput"],
+               "shared_prefix_ttft_ratio": off["mean_ttft_ms"] / on["mean_ttft_ms"],
+               "no_sharing_slowdown": 1 - plain_on["total_token_throughput"] / plain_off["total_token_throughput"]}
     print(f"shared-prefix: {summary['shared_prefix_speedup']:.2f}x throughput, "
           f"{summary['shared_prefix_ttft_ratio']:.2f}x lower mean TTFT; "
           f"no-sharing slowdown {100 * summary['no_sharing_slowdown']:+.1f}%")
     if not args.smoke:
-        import jax
-
         report = {"command": "python3 benchmarks/prefix_cache.py " + " ".join(argv or sys.argv[1:]),
-                  "device": str(jax.devices()[0]), "args": vars(args), "rows": rows, "summary": summary}
+                  "engines": engines, "args": vars(args), "rows": rows, "summary": summary}
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"saved {args.out}")
     return 0

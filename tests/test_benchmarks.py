@@ -1,29 +1,161 @@
-"""The benchmark scripts run end to end at tiny sizes (their numbers are not checked here)."""
+"""The benchmark code runs end to end at tiny sizes (CPU, SmolLM2 or a tiny dummy model); the
+workloads and the statistics are checked against direct computations, the speeds are not."""
 
+import json
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from jaxpaged.bench.datasets import random_requests, sharegpt_like_requests, shared_prefix_requests
+from jaxpaged.bench.metrics import RequestRecord, summarize
+from jaxpaged.cli import main as cli_main
+
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-import offline_throughput  # noqa: E402
-import prefix_cache  # noqa: E402
+
+# ---- workloads and statistics (host only, milliseconds) ----------------------------------------
+
+def test_random_workload_lengths_and_seed():
+    requests = random_requests(200, 100, 20, 0.5, vocab_size=1000, seed=3)
+    assert requests == random_requests(200, 100, 20, 0.5, vocab_size=1000, seed=3)
+    assert requests != random_requests(200, 100, 20, 0.5, vocab_size=1000, seed=4)
+    lens = [len(r.prompt_token_ids) for r in requests]
+    outs = [r.output_len for r in requests]
+    assert 50 <= min(lens) and max(lens) <= 150 and len(set(lens)) > 20
+    assert 10 <= min(outs) and max(outs) <= 30
+    ids = np.concatenate([r.prompt_token_ids for r in requests])
+    assert ids.min() >= 100 and ids.max() < 1000
+    fixed = random_requests(5, 64, 8, 0.0, vocab_size=1000, seed=0)
+    assert {len(r.prompt_token_ids) for r in fixed} == {64} and {r.output_len for r in fixed} == {8}
 
 
-def test_offline_throughput_smoke(capsys):
-    assert offline_throughput.main(["--smoke"]) == 0
+def test_sharegpt_like_matches_its_documented_distribution():
+    requests = sharegpt_like_requests(20000, vocab_size=500, seed=0, max_input_len=10**6,
+                                      max_output_len=10**6)
+    inputs = np.array([len(r.prompt_token_ids) for r in requests])
+    outputs = np.array([r.output_len for r in requests])
+    # log-normal means exp(mu + sigma^2 / 2): 147 e^0.405 ~ 220 and 146 e^0.32 ~ 201
+    assert abs(inputs.mean() - 147 * math.exp(0.9 ** 2 / 2)) < 8
+    assert abs(outputs.mean() - 146 * math.exp(0.8 ** 2 / 2)) < 6
+    assert abs(np.median(inputs) - 147) < 5
+    clipped = sharegpt_like_requests(500, vocab_size=500, seed=0, max_input_len=256, max_output_len=64)
+    assert max(len(r.prompt_token_ids) for r in clipped) == 256
+    assert max(r.output_len for r in clipped) == 64 and min(r.output_len for r in clipped) >= 4
+
+
+def test_shared_prefix_groups_share_exactly_the_prefix():
+    requests = shared_prefix_requests(3, 4, prefix_len=20, suffix_len=5, output_len=7,
+                                      vocab_size=10**6, seed=0)
+    assert len(requests) == 12 and {r.output_len for r in requests} == {7}
+    prefixes = [tuple(r.prompt_token_ids[:20]) for r in requests]
+    assert len(set(prefixes)) == 3 and prefixes[0] == prefixes[3] != prefixes[4]
+    assert len({tuple(r.prompt_token_ids[20:]) for r in requests}) == 12  # unique suffixes
+
+
+def test_summary_statistics():
+    records = [RequestRecord(10, 3, ttft=0.1, latency=0.5, itls=[0.2, 0.2]),
+               RequestRecord(20, 5, ttft=0.3, latency=0.7, itls=[0.1] * 4),
+               RequestRecord(30, error="HTTP 500")]
+    result = summarize(records, duration=2.0, peak_kv_usage=0.5)
+    assert result["completed"] == 2 and result["failed"] == 1
+    assert result["total_output_tokens"] == 8 and result["output_throughput"] == 4.0
+    assert result["total_token_throughput"] == (30 + 8) / 2.0
+    assert result["mean_ttft_ms"] == pytest.approx(200.0)
+    assert result["mean_tpot_ms"] == pytest.approx(1e3 * (0.2 + 0.1) / 2)
+    assert result["median_itl_ms"] == pytest.approx(100.0)
+    assert result["p99_ttft_ms"] == pytest.approx(1e3 * (0.1 + 0.99 * 0.2))
+    assert result["errors"] == ["HTTP 500"] and result["peak_kv_usage"] == 0.5
+
+
+# ---- the commands, end to end ------------------------------------------------------------------
+
+SMALL_ENGINE = ["--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "64",
+                "--token-buckets", "16", "64"]
+
+
+def test_bench_throughput_command(tmp_path, capsys, smollm2_path):
+    out = tmp_path / "throughput.json"
+    code = cli_main(["bench", "throughput", *SMALL_ENGINE, "--dtype", "float32", "--num-prompts", "6",
+                     "--input-len", "20", "--output-len", "4", "--range-ratio", "0.5",
+                     "--ignore-eos", "--output-json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "Output token throughput" in table and "Median TPOT" in table
+    report = json.loads(out.read_text())
+    expected = random_requests(6, 20, 4, 0.5, vocab_size=49152, seed=0)  # SmolLM2's vocabulary
+    result = report["result"]
+    assert result["completed"] == 6 and result["compiles_during_run"] == 0
+    assert result["total_output_tokens"] == sum(r.output_len for r in expected)  # EOS ignored
+    assert result["total_input_tokens"] == sum(len(r.prompt_token_ids) for r in expected)
+    assert 0 < result["peak_kv_usage"] <= 1 and report["engine"]["attention_backend"] == "reference"
+
+
+def test_bench_startup_command(tmp_path, capsys):
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128,
+         "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}))
+    out = tmp_path / "startup.json"
+    code = cli_main(["bench", "startup", "--model", str(model), "--load-format", "dummy",
+                     *SMALL_ENGINE, "--compile-cache-dir", str(tmp_path / "xla"),
+                     "--output-json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    for run in ("cold", "warm"):
+        assert report[run]["programs"] == 5  # 2 token buckets, 2 sampler variants, the scorer
+        assert report[run]["seconds_to_ready"] > report[run]["engine_seconds"] > 0
+    assert report["cold"]["backend_compiles"] >= 1
+    assert "cold:" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def server_url(smollm2_path):
+    from jaxpaged.bench.serve import launch_server, stop_server
+
+    process, url = launch_server(["--max-num-seqs", "4", "--max-model-len", "128",
+                                  "--max-num-batched-tokens", "64"])
+    yield url
+    stop_server(process)
+
+
+@pytest.mark.parametrize("mode", [["--max-concurrency", "2"], ["--request-rate", "20"]])
+def test_bench_serve_command(server_url, tmp_path, capsys, mode):
+    out = tmp_path / "serve.json"
+    code = cli_main(["bench", "serve", "--base-url", server_url, "--num-prompts", "4",
+                     "--input-len", "12", "--output-len", "3", "--ignore-eos", *mode,
+                     "--output-json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())["result"]
+    assert result["completed"] == 4 and result["total_output_tokens"] == 12
+    assert result["mean_ttft_ms"] > 0 and result["median_tpot_ms"] > 0
+    assert 0 < result["peak_kv_usage"] <= 1  # polled from the server's /metrics
+    assert "Inter-token latency" in capsys.readouterr().out
+
+
+def test_serve_sweep_smoke(server_url, capsys):
+    import serve_sweep
+
+    assert serve_sweep.main(["--smoke", "--url", server_url]) == 0
     out = capsys.readouterr().out
-    assert "c=  1" in out and "c=  4" in out and "speedup" in out and "decode" in out
+    assert "c=  1" in out and "c=  2" in out and "TTFT p50" in out and "ITL p50" in out
 
 
 def test_prefix_cache_smoke(capsys):
+    import prefix_cache
+
     assert prefix_cache.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "shared-prefix" in out and "no-sharing" in out and "hit rate" in out
 
 
-def test_serve_sweep_smoke(capsys):
-    import serve_sweep
+def test_offline_throughput_smoke(capsys):
+    import offline_throughput
 
-    assert serve_sweep.main(["--smoke"]) == 0
+    assert offline_throughput.main(["--smoke"]) == 0
     out = capsys.readouterr().out
-    assert "c=  1" in out and "c=  2" in out and "TTFT p50" in out and "ITL p50" in out
+    assert "c=  1" in out and "c=  4" in out and "speedup" in out and "decode" in out
