@@ -61,8 +61,10 @@ def decode_step(name: str, batch: int, context: int, page_size: int) -> dict:
                          max_num_seqs=batch, pages_per_seq=pages_per_seq, max_model_len=context + 1,
                          token_buckets=(max(batch, 8),), attention_backend="reference",
                          kv_dtype=jnp.bfloat16)
-    keys = jax.random.split(jax.random.key(1), len(runner.kv_pages))
-    runner.kv_pages = [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, runner.kv_pages)]
+    for i, key in enumerate(jax.random.split(jax.random.key(1), len(runner.kv_pages))):
+        shape, kv_dtype = runner.kv_pages[i].shape, runner.kv_pages[i].dtype
+        runner.kv_pages[i] = None  # one layer at a time: never two whole caches alive
+        runner.kv_pages[i] = jax.random.normal(key, shape, kv_dtype)
     compiles, compile_seconds = runner.warmup()
     requests = []
     for i in range(batch):  # each sequence holds `context` tokens and decodes one more

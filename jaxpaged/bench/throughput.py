@@ -14,8 +14,12 @@ from jaxpaged.bench.metrics import RequestRecord, format_table, save_json, summa
 
 
 def run_offline(engine, requests: list[BenchRequest], *, ignore_eos: bool,
-                request_prefix: str = "bench") -> dict:
-    """Submits every request, steps the engine until all finish, returns the summary."""
+                request_prefix: str = "bench", max_seconds: float | None = None) -> dict:
+    """Submits every request, steps the engine until all finish, returns the summary.
+
+    With `max_seconds`, stops there: unfinished requests are aborted and count as failed, and
+    `truncated` is set; `produced_output_throughput` still counts every token produced.
+    """
     from jaxpaged.runner import CompileCounter
     from jaxpaged.sampling_params import SamplingParams
 
@@ -43,7 +47,15 @@ def run_offline(engine, requests: list[BenchRequest], *, ignore_eos: bool,
                                         ignore_eos=ignore_eos)
                 engine.add_request(request_id, request.prompt_token_ids, params)
             last_seen = {}
+            truncated = False
             while engine.has_unfinished:
+                if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                    truncated = True
+                    for request_id, record in records.items():
+                        if record.latency is None:
+                            engine.abort(request_id)
+                            record.error = f"unfinished after the {max_seconds:.0f} s limit"
+                    break
                 begin = time.perf_counter()
                 outputs = engine.step()
                 now = time.perf_counter()
@@ -67,10 +79,13 @@ def run_offline(engine, requests: list[BenchRequest], *, ignore_eos: bool,
     hits = scheduler.prefix_cache_hits - hits0
     queries = scheduler.prefix_cache_queries - queries0
     num_steps = len(step_seconds)
+    produced = sum(r.output_len for r in records.values())
     step_total, execute_total = sum(step_seconds), sum(execute_seconds)
     return summarize(
         list(records.values()), duration, peak_kv_usage=peak_usage,
         prefix_cache_hit_rate=hits / queries if queries else 0.0,
+        truncated=truncated, produced_output_tokens=produced,
+        produced_output_throughput=produced / duration,
         compiles_during_run=compiles.count, preemptions=scheduler.num_preemptions - preemptions0,
         num_steps=num_steps, mean_step_ms=1e3 * step_total / max(num_steps, 1),
         mean_execute_ms=1e3 * execute_total / max(num_steps, 1),
