@@ -70,6 +70,20 @@ def test_summary_statistics():
     assert result["errors"] == ["HTTP 500"] and result["peak_kv_usage"] == 0.5
 
 
+def test_host_side_bench_modules_import_without_jax():
+    """The serving client must run on a machine with no JAX (e.g. next to another server)."""
+    import subprocess
+
+    from test_host_imports import SCRIPT
+
+    modules = ["jaxpaged.bench.datasets", "jaxpaged.bench.metrics", "jaxpaged.bench.serve",
+               "jaxpaged.bench.commands"]
+    result = subprocess.run([sys.executable, "-c", SCRIPT, *modules], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(f"ok {name}" in result.stdout for name in modules)
+
+
 # ---- the commands, end to end ------------------------------------------------------------------
 
 SMALL_ENGINE = ["--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "64",
