@@ -19,7 +19,7 @@ def system_fingerprint(engine) -> str:
         "version": jaxpaged.__version__,
         "files": [(path.name, path.stat().st_size) for path in engine.source.files()],
         "model": engine.source.name,
-        "tokenizer": [type(tokenizer).__name__, len(tokenizer)],
+        "tokenizer": [type(tokenizer).__name__, len(tokenizer) if tokenizer is not None else 0],
         "chat_template": getattr(tokenizer, "chat_template", None),
         "dtype": str(engine.dtype),
         "engine_config": dataclasses.asdict(engine.config),
