@@ -215,7 +215,8 @@ class Engine:
                 logprobs = [{token: lp, **dict(top)}
                             for token, (lp, top) in zip(seq.output_token_ids, seq.logprobs)]
             completions.append(CompletionOutput(
-                index=i, text=detok.text if detok is not None else "", token_ids=list(seq.output_token_ids),
+                index=i, text=detok.text if detok is not None else "",
+                token_ids=list(seq.output_token_ids),
                 cumulative_logprob=sum(lp for lp, _ in seq.logprobs) if seq.logprobs else None,
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         first = group.sequences[0]
