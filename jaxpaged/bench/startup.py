@@ -5,9 +5,10 @@ directory (`JAXPAGED_COMPILE_CACHE`): first with the directory empty (cold: ever
 compiled), then again (warm: JAX's persistent compilation cache serves the programs it stored).
 "Ready" is the moment `LLM(...)` has returned, i.e. weights are on the device and every bucket's
 program is compiled. The child also reports its own breakdown: imports, engine construction,
-warm-up, programs, XLA backend compiles and persistent-cache hits. Note that JAX only stores
-programs whose compile took at least `jax_persistent_cache_min_compile_time_secs` (0.5 s here),
-so tiny CPU models stay mostly uncached.
+warm-up, programs, JAX's compile events (`backend_compile_duration`, which fires for programs
+served from the persistent cache too) and the persistent cache's hits and misses. JAX only stores
+programs whose compile took at least `jax_persistent_cache_min_compile_time_secs` (0.5 s here), so
+the smallest programs are compiled again on every start.
 """
 
 import json
@@ -96,8 +97,9 @@ def main(args, engine_kwargs: dict, command: str) -> int:
     for name, run in (("cold", cold), ("warm", warm)):
         print(f"{name}: {run['seconds_to_ready']:6.1f} s to ready (imports {run['import_seconds']:.1f} s,"
               f" engine {run['engine_seconds']:.1f} s, warm-up {run['warmup_seconds']:.1f} s) | "
-              f"{run['programs']} programs, {run['backend_compiles']} XLA compiles, "
-              f"{run['persistent_cache_hits']} cache hits")
+              f"{run['programs']} programs; {run['backend_compiles']} compile events, "
+              f"{run['persistent_cache_hits']} served by the persistent cache, "
+              f"{run['persistent_cache_misses']} stored to it")
     if args.output_json:
         save_json(args.output_json, {"command": command, "engine_args": engine_kwargs,
                                      "cold": cold, "warm": warm})
