@@ -59,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--hf-batch", type=int, default=128)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--prefix-cache", action="store_true", help="also issue 7's workloads")
+    parser.add_argument("--startup", action="store_true",
+                        help="also time process start to ready, cold and warm compilation cache")
     parser.add_argument("--prefix-groups", type=int, default=32)
     parser.add_argument("--prefix-per-group", type=int, default=16)
     parser.add_argument("--prefix-len", type=int, default=1000)
@@ -279,6 +281,19 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     return row
 
 
+def engine_kwargs(args) -> dict:
+    """The engine of the offline and prefix-cache runs (and of the start-up measurement)."""
+    max_model_len = args.input_len + args.output_len + 16
+    if args.prefix_cache:
+        max_model_len = max(max_model_len, args.prefix_len + args.suffix_len + args.prefix_output_len + 16)
+    return dict(load_format="dummy", dtype="float32" if args.smoke else "bfloat16",
+                max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                token_buckets=tuple(args.token_buckets),
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                attention_backend=args.attention_backend)
+
+
 def run_jax(args) -> dict:
     import gc
 
@@ -313,16 +328,7 @@ def run_jax(args) -> dict:
     gc.collect()
     save()
 
-    engine_args = dict(load_format="dummy", dtype="float32" if args.smoke else "bfloat16",
-                       max_model_len=args.input_len + args.output_len + 16,
-                       max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens,
-                       token_buckets=tuple(args.token_buckets),
-                       gpu_memory_utilization=args.gpu_memory_utilization,
-                       attention_backend=args.attention_backend)
-    if args.prefix_cache:
-        needed = args.prefix_len + args.suffix_len + args.prefix_output_len + 16
-        engine_args["max_model_len"] = max(engine_args["max_model_len"], needed)
+    engine_args = engine_kwargs(args)
     utilizations = [args.gpu_memory_utilization, 0.6] if not args.smoke else [0.9]
     for utilization in utilizations:
         engine_args["gpu_memory_utilization"] = utilization
@@ -386,6 +392,24 @@ def print_offline(name: str, r: dict) -> None:
 
 # ---- orchestration ---------------------------------------------------------------------------
 
+def run_startup(args, out: Path, env: dict) -> None:
+    """Process start to ready engine, empty then warm compilation cache (`jaxpaged bench startup`)."""
+    import tempfile
+
+    from jaxpaged.bench.startup import measure
+
+    os.environ.update(env)
+    kwargs = {"model": args.model, **engine_kwargs(args)}
+    kwargs["token_buckets"] = list(kwargs["token_buckets"])
+    with tempfile.TemporaryDirectory(prefix="jaxpaged-xla-") as cache_dir:
+        result = {"engine_args": kwargs}
+        for name in ("cold", "warm"):
+            result[name] = measure(dict(kwargs), cache_dir)
+            print(f"startup {name}: {result[name]['seconds_to_ready']:.1f} s to ready, "
+                  f"{result[name]['persistent_cache_hits']} programs from the cache", flush=True)
+            (out / "startup.json").write_text(json.dumps(result, indent=2))
+
+
 def run_part(part: str, argv: list[str], env: dict) -> None:
     command = [sys.executable, str(Path(__file__).resolve()), "--part", part, *argv]
     result = subprocess.run(command, env=env)
@@ -418,6 +442,8 @@ def main(argv=None) -> int:
     if not args.skip_hf:
         run_part("hf", argv, env)
     run_part("jax", argv, env)
+    if args.startup and (args.deadline is None or time.time() < args.deadline):
+        run_startup(args, out, env)
     summary = summarize(out, args, argv, time.time() - start)
     (out / "h100_llama8b.json").write_text(json.dumps(summary, indent=2))
     (out / "h100_llama8b.md").write_text(render_markdown(summary))
@@ -431,7 +457,8 @@ def summarize(out: Path, args, argv: list[str], seconds: float) -> dict:
         return json.loads(path.read_text()) if path.is_file() else None
 
     summary = {"command": "python3 benchmarks/h100_llama8b.py " + " ".join(argv),
-               "wall_seconds": seconds, "args": vars(args), "hf": load("hf"), "jax": load("jax")}
+               "wall_seconds": seconds, "args": vars(args), "hf": load("hf"), "jax": load("jax"),
+               "startup": load("startup")}
     jax_part, hf = summary["jax"] or {}, summary["hf"]
     offline = jax_part.get("offline")
     if offline:
@@ -495,6 +522,17 @@ def render_markdown(s: dict) -> str:
                   f"{o['mean_host_ms']:.1f} ms. TTFT mean {o['mean_ttft_ms']:.0f} ms, TPOT mean "
                   f"{o['mean_tpot_ms']:.1f} ms. Peak KV usage {o['peak_kv_usage']:.0%}. "
                   f"Compiles during the run: {o['compiles_during_run']}.", ""]
+    if s.get("startup"):
+        st = s["startup"]
+        lines += ["## Start-up (process start to ready engine)", "",
+                  "| cache | seconds | warm-up | programs | from the persistent cache |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name in ("cold", "warm"):
+            if name in st:
+                r = st[name]
+                lines.append(f"| {name} | {r['seconds_to_ready']:.1f} | {r['warmup_seconds']:.1f} | "
+                             f"{r['programs']} | {r['persistent_cache_hits']} |")
+        lines.append("")
     if j.get("prefix_cache"):
         lines += ["## Prefix caching (issue 7)", "",
                   "| workload | caching | output tok/s | total tok/s | mean TTFT | hit rate |",
@@ -504,6 +542,14 @@ def render_markdown(s: dict) -> str:
             lines.append(f"| {name} | {caching} | {r['output_throughput']:.0f} | "
                          f"{r['total_token_throughput']:.0f} | {r['mean_ttft_ms']:.0f} ms | "
                          f"{r['prefix_cache_hit_rate']:.0%} |")
+        runs = j["prefix_cache"]
+        pairs = [("shared-prefix", "target >= 2x"), ("no-sharing", "target: < 2% slower")]
+        for name, target in pairs:
+            on, off = runs.get(f"{name} caching=on"), runs.get(f"{name} caching=off")
+            if on and off:
+                lines.append(f"\n{name}: caching on / off total throughput "
+                             f"{on['total_token_throughput'] / off['total_token_throughput']:.2f}x "
+                             f"({target}).")
         lines.append("")
     return "\n".join(lines) + "\n"
 
