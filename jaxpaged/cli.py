@@ -1,4 +1,4 @@
-"""`jaxpaged` command line: generate, chat, serve.
+"""`jaxpaged` command line: generate, chat, serve, run-batch.
 
 Engine flags are generated from EngineConfig's fields and named like vLLM's (`--max-model-len`).
 Errors reach the user as one line, never a traceback.
@@ -111,6 +111,21 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_run_batch(args) -> int:
+    from pathlib import Path
+
+    from jaxpaged.batch import BatchRunner
+
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"no input file {args.input}")
+    llm = _make_llm(args)
+    runner = BatchRunner(llm.engine, served_model_names=args.served_model_name)
+    summary = runner.run(Path(args.input), Path(args.output), use_tqdm=not args.no_progress)
+    print(f"run-batch: {summary.completed} completed, {summary.failed} failed, "
+          f"{summary.skipped} skipped (already in {args.output} or repeated)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--uvicorn-log-level", default="info")
     add_engine_flags(serve)
     serve.set_defaults(handler=cmd_serve)
+
+    batch = commands.add_parser(
+        "run-batch", help="OpenAI Batch-format JSONL through the engine; resumable",
+        description="Reads requests (custom_id, method, url, body) from INPUT line by line and "
+                    "appends one result line per request to OUTPUT as each finishes. Rerun the "
+                    "same command after an interruption: custom_ids already in OUTPUT are skipped.")
+    batch.add_argument("-i", "--input", required=True, help="input JSONL file")
+    batch.add_argument("-o", "--output", required=True, help="output JSONL file (appended to)")
+    batch.add_argument("--served-model-name", nargs="+", default=None,
+                       help="model name(s) the requests' 'model' field may use "
+                            "(default: the model's name)")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_flags(batch)
+    batch.set_defaults(handler=cmd_run_batch)
     return parser
 
 
