@@ -158,6 +158,8 @@ def _kernel(meta_ref, pages_ref,  # SMEM: [NB*3], [S*pages_per_seq]
         v_ok = c * chunk + lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) <= last  # [C, 1]
         kv = kv_buf.at[slot]  # [C*2Hkv, D]
         for h in range(num_kv_heads):
+            # Strided sublane loads. For bf16 on a real TPU, K and V rows of a token share packed
+            # sublanes; Mosaic may want them read as uint32 and split (interpret mode cannot bitcast refs).
             k = kv[pl.ds(2 * h, chunk, stride=two_hkv), :]  # [C, D]
             v = kv[pl.ds(2 * h + 1, chunk, stride=two_hkv), :]  # [C, D]
             v = jnp.where(v_ok, v, jnp.zeros_like(v))
@@ -299,6 +301,8 @@ def ragged_paged_attention_tpu(
         calls.append((selected, 1, ppb, min(num_seqs_max, num_tokens), True))
     if batch_kind in ("mixed", "prefill"):
         bq = min(q_block_size, num_tokens)
+        while bq > 8 and _vmem_bytes(bq, 1, page_size, *dims) > budget:  # huge heads: fewer rows per block
+            bq //= 2
         ppb = pages_per_kv_block or _pick_pages_per_kv_block(bq, page_size, dims, budget, 256)
         selected = real & (q_lens > 1) if batch_kind == "mixed" else real
         max_seqs = min(num_seqs_max, num_tokens // 2 if batch_kind == "mixed" else num_tokens)
