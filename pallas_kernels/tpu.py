@@ -114,14 +114,14 @@ def _kernel(meta_ref, pages_ref,  # SMEM: [NB*3], [S*pages_per_seq]
             kv_buf,  # [2, chunk*2Hkv, D] VMEM: double buffer of pages
             read_sems, write_sem,  # DMA semaphores [2], [1]
             m_scr, l_scr, acc_scr,  # [Hkv, M, 1], [Hkv, M, 1], [Hkv, M, D] float32
-            *, bq, group, ppb, page_size, pages_per_seq, sm_scale, sliding_window, soft_cap):
+            *, group, ppb, page_size, pages_per_seq, sm_scale, sliding_window, soft_cap):
     del kv_in_ref  # the same buffer as kv_ref (input_output_aliases)
     b = pl.program_id(0)
     seq, rows, pos0 = meta_ref[3 * b], meta_ref[3 * b + 1], meta_ref[3 * b + 2]
     num_kv_heads, m_rows, _ = acc_scr.shape
     two_hkv, num_pages = 2 * num_kv_heads, kv_ref.shape[0]
-    # lax.div/rem: every operand is >= 0, so no sign fix-up ops (jnp's // and % add them).
     chunk = ppb * page_size
+    # lax.div/rem below: every operand is >= 0, so no sign fix-up ops (jnp's // and % add them).
     last = pos0 + rows - 1  # causal limit of the block's last row
     last_page = lax.div(last, page_size)
 
@@ -130,9 +130,9 @@ def _kernel(meta_ref, pages_ref,  # SMEM: [NB*3], [S*pages_per_seq]
 
     def write_copy(r):  # row r's new K/V -> its slot in its page
         pos = pos0 + r
+        slot_rows = pl.ds(lax.rem(pos, page_size) * two_hkv, two_hkv)
         return pltpu.make_async_copy(new_kv_ref.at[0, pl.ds(r * two_hkv, two_hkv)],
-                                     kv_ref.at[page_of(lax.div(pos, page_size)), pl.ds(lax.rem(pos, page_size) * two_hkv, two_hkv)],
-                                     write_sem.at[0])
+                                     kv_ref.at[page_of(lax.div(pos, page_size)), slot_rows], write_sem.at[0])
 
     def page_copy(c, slot, i):  # page i of chunk c -> its place in buffer slot
         return pltpu.make_async_copy(
@@ -208,11 +208,11 @@ def _kernel(meta_ref, pages_ref,  # SMEM: [NB*3], [S*pages_per_seq]
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def _attend(q_blocks, new_kv_blocks, kv_flat, meta, pages_flat, *, bq, group, ppb, page_size, pages_per_seq,
+def _attend(q_blocks, new_kv_blocks, kv_flat, meta, pages_flat, *, group, ppb, page_size, pages_per_seq,
             parallel, interpret, vmem_limit, **static):
     """One pallas_call over blocks; returns ([NB, Hkv, M, D], updated kv_flat)."""
     num_blocks, num_kv_heads, m_rows, head_dim = q_blocks.shape
-    kernel = functools.partial(_kernel, bq=bq, group=group, ppb=ppb, page_size=page_size,
+    kernel = functools.partial(_kernel, group=group, ppb=ppb, page_size=page_size,
                                pages_per_seq=pages_per_seq, **static)
     block = pl.BlockSpec((1, num_kv_heads, m_rows, head_dim), lambda b, *_: (b, 0, 0, 0))
     hbm = pl.BlockSpec(memory_space=pl.ANY)
@@ -321,7 +321,7 @@ def ragged_paged_attention_tpu(
         new_kv_blocks = new_kv[tok].reshape(num_blocks, bq * two_hkv, head_dim)  # [NB, bq*2Hkv, D]
         vmem_limit = min(2 * budget, max(32 << 20, 2 * _vmem_bytes(bq, ppb, page_size, *dims)))
         out_blocks, kv_flat = _attend(
-            q_blocks, new_kv_blocks, kv_flat, meta, pages_flat, bq=bq, group=group, ppb=ppb,
+            q_blocks, new_kv_blocks, kv_flat, meta, pages_flat, group=group, ppb=ppb,
             page_size=page_size, pages_per_seq=pages_per_seq, parallel=parallel, interpret=interpret,
             vmem_limit=vmem_limit, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
         # Back to tokens: token t of a selected sequence is row j % bq of block cu_blocks[seq] + j // bq.

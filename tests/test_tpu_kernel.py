@@ -67,7 +67,8 @@ def check_against_reference(seq_lists, *, dtype=jnp.float32, num_q_heads=4, num_
         assert np.isfinite(got).all(), seqs
         np.testing.assert_allclose(got, want, atol=atol, rtol=atol, err_msg=str(seqs))
         # Owned pages hold the new K/V exactly; every other position (NaN included) is untouched.
-        np.testing.assert_array_equal(np.asarray(got_kv, np.float32), np.asarray(want_kv, np.float32), err_msg=str(seqs))
+        got_kv, want_kv = np.asarray(got_kv, np.float32), np.asarray(want_kv, np.float32)
+        np.testing.assert_array_equal(got_kv, want_kv, err_msg=str(seqs))
 
 
 def case_id(case):
@@ -134,7 +135,8 @@ def test_bad_batch_kind():
         ragged_paged_attention_tpu(*args, sm_scale=1.0, batch_kind="chunked", interpret=True)
 
 
-@pytest.mark.parametrize("dtype,head_dim,page_size,heads", [(jnp.bfloat16, 128, 16, (32, 8)), (jnp.float32, 64, 32, (12, 4))])
+@pytest.mark.parametrize("dtype,head_dim,page_size,heads",
+                         [(jnp.bfloat16, 128, 16, (32, 8)), (jnp.float32, 64, 32, (12, 4))])
 def test_lowers_to_mosaic(monkeypatch, dtype, head_dim, page_size, heads):
     """Pallas' Mosaic lowering (Python side, no libtpu) accepts every op of the kernel. The lowering
     asks which TPU it targets; on CPU we tell it a v5e. Mosaic's own compile needs a TPU."""
