@@ -26,12 +26,20 @@ How it runs:
 - `batch_kind` picks the specialisation (static): "decode" runs one call with one sequence per
   grid step (q_block_size 1, M = group rows; the caller promises every q_len <= 1); "prefill"
   runs one call with `q_block_size`-row blocks for all sequences; "mixed" (default) runs both:
-  sequences with one query token in the decode call, the others in the prefill call.
+  sequences with one query token in the decode call, the others in the prefill call. The decode
+  grid is "parallel" (megacore may split it): each decode writes one slot of its own last page
+  and reads only its own pages (pages shared through prefix caching are full, never written).
+- The flattened page table must fit SMEM: max_num_seqs * pages_per_seq * 4 B is checked against
+  SMEM_TABLE_LIMIT_BYTES, and the ValueError names the smallest page size that would fit.
 
 Head dim is used as given (the cache layout is shared with the reference): 128 or 256 fill the
 TPU's 128 lanes; 64 works but wastes half of every vector register. `q_block_size` and
 `pages_per_kv_block` default to sizes that fit the chip's VMEM (table below).
-Verified only in Pallas interpret mode on CPU (no TPU is lent here).
+
+Verified in Pallas' TPU interpret mode on CPU only (no TPU is lent here): results against the
+reference, the interpreter's race detector, and Pallas' lowering to the Mosaic dialect. Mosaic's
+own compile (libtpu) has never run on it: its layout rules (e.g. strided sublane loads of packed
+bf16 K/V rows) may still ask for changes on a real TPU.
 """
 
 import functools
