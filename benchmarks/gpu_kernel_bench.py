@@ -133,7 +133,7 @@ def main():
     dtype = jnp.bfloat16
     if a.smoke:
         hq, hkv, d, rounds, page = 4, 2, 64, 1, 16
-        cases = [("decode", 2, 1, 40), ("prefill", 1, 16, 16)]
+        cases = [("decode", 2, 1, 40)]
         ceilings = dict(copy=copy_bandwidth(1 << 16, 1), matmul=matmul_rate(64, 1))
     else:
         hq, hkv, d, rounds, page = 32, 8, 128, a.rounds, a.page_size
