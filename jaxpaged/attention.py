@@ -44,12 +44,21 @@ def _pallas_op(platform: str):
 def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window: int | None):
     """Returns attention(q, k, v, kv_pages, metadata) -> (out, kv_pages) for the chosen backend."""
     backend = resolve_backend(name, platform)
-    op = ragged_paged_attention_reference if backend == "reference" else _pallas_op(platform)
-    op = functools.partial(op, sm_scale=sm_scale, sliding_window=sliding_window)
+    common = dict(sm_scale=sm_scale, sliding_window=sliding_window)
+    reference = functools.partial(ragged_paged_attention_reference, **common)
+    op = reference if backend == "reference" else functools.partial(_pallas_op(platform), **common)
 
     def attention(q, k, v, kv_pages, metadata: AttentionMetadata):
-        return op(q, k, v, kv_pages, metadata.kv_lens, metadata.page_indices, metadata.cu_q_lens,
-                  metadata.num_seqs)
+        chosen = op
+        if name == "auto" and platform == "gpu":
+            from pallas_kernels.gpu import compiled_supports
+
+            # The Triton kernel needs power-of-two page_size >= 16 and head_dim; "auto" falls
+            # back to the reference for other geometries ("pallas" raises a clear ValueError).
+            if not compiled_supports(kv_pages.shape[1], kv_pages.shape[3]):
+                chosen = reference
+        return chosen(q, k, v, kv_pages, metadata.kv_lens, metadata.page_indices, metadata.cu_q_lens,
+                      metadata.num_seqs)
 
     return attention
 

@@ -45,6 +45,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def compiled_supports(page_size: int, head_dim: int) -> bool:
+    """Whether the compiled (Triton) kernel takes this cache geometry."""
+    return page_size >= 16 and page_size == _next_pow2(page_size) and head_dim == _next_pow2(head_dim)
+
+
 def _validate_blocks(q, kv_pages, q_block_size, pages_per_kv_block, interpret) -> None:
     if q_block_size < 1 or pages_per_kv_block < 1:
         raise ValueError(f"q_block_size={q_block_size} and pages_per_kv_block={pages_per_kv_block} must be >= 1")
@@ -53,7 +58,7 @@ def _validate_blocks(q, kv_pages, q_block_size, pages_per_kv_block, interpret) -
     page_size, head_dim = kv_pages.shape[1], q.shape[2]
     bad = {name: n for name, n in dict(q_block_size=q_block_size, page_size=page_size, head_dim=head_dim).items()
            if n != _next_pow2(n)}
-    if bad or page_size < 16:
+    if bad or not compiled_supports(page_size, head_dim):
         raise ValueError(f"the Triton lowering needs power-of-two block dims and page_size >= 16, got "
                          f"page_size={page_size}, head_dim={head_dim}, q_block_size={q_block_size}")
 

@@ -6,11 +6,17 @@ reference backend for the same model and prompts; a 32-token budget forces chunk
 mixed prefill + decode steps, and 3 q heads per kv head exercise the padded GQA group.
 """
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxpaged import LLM
-from jaxpaged.attention import resolve_backend
+from jaxpaged.attention import make_attention, resolve_backend
 from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.step_inputs import AttentionMetadata
+from pallas_kernels import ragged_paged_attention_reference
+from pallas_kernels.gpu import compiled_supports
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    " * 6, "1, 2, 3, 4,"]  # the 2nd: > 32 tokens
 ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
@@ -29,6 +35,23 @@ def test_resolve_backend():
     assert resolve_backend("pallas", "cpu") == "pallas"
     with pytest.raises(ValueError, match="attention_backend"):
         resolve_backend("flash", "cpu")
+
+
+def test_auto_on_gpu_falls_back_for_geometries_the_kernel_cannot_compile():
+    assert compiled_supports(64, 128) and not compiled_supports(8, 128) and not compiled_supports(16, 80)
+    # head_dim 80: "auto" on GPU traces the reference (so this runs on CPU too); "pallas" refuses.
+    metadata = AttentionMetadata(
+        positions=jnp.array([2], jnp.int32), kv_lens=jnp.array([3], jnp.int32),
+        page_indices=jnp.array([[1]], jnp.int32), cu_q_lens=jnp.array([0, 1], jnp.int32),
+        num_seqs=jnp.array([1], jnp.int32), logits_indices=jnp.array([0], jnp.int32))
+    rng = np.random.default_rng(0)
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((1, 2, 80), (1, 1, 80), (1, 1, 80), (2, 16, 2, 80))]
+    got, _ = make_attention("auto", platform="gpu", sm_scale=0.1, sliding_window=None)(*args, metadata)
+    want, _ = ragged_paged_attention_reference(*args, metadata.kv_lens, metadata.page_indices,
+                                               metadata.cu_q_lens, metadata.num_seqs, sm_scale=0.1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="power-of-two"):
+        jax.eval_shape(lambda *a: make_attention("pallas", platform="gpu", sm_scale=0.1, sliding_window=None)(*a, metadata), *args)
 
 
 @pytest.mark.slow
