@@ -9,14 +9,13 @@ path can be tested without an accelerator). `auto` resolves from the platform.
 import functools
 
 from pallas_kernels import get_kv_cache_shape, ragged_paged_attention_reference
+from jaxpaged.config import ATTENTION_BACKENDS
 from jaxpaged.step_inputs import AttentionMetadata
-
-BACKENDS = ("auto", "reference", "pallas")
 
 
 def resolve_backend(name: str, platform: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
     if name == "auto":
         # CPU: the reference (interpret mode is a correctness tool, far slower). GPU: the kernel
         # beat the reference on every decode and prefill shape measured on the H100, and end to
@@ -63,4 +62,4 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
     return attention
 
 
-__all__ = ["BACKENDS", "get_kv_cache_shape", "make_attention", "resolve_backend"]
+__all__ = ["get_kv_cache_shape", "make_attention", "resolve_backend"]
