@@ -17,6 +17,7 @@ _FLAG_HELP = {
     "model": "HF directory, .gguf file or Hub name (default: the embedded SmolLM2-135M-Instruct)",
     "dtype": "auto (float32 on CPU, bfloat16 on accelerators), float32, bfloat16, float16",
     "attention_backend": "auto, reference or pallas",
+    "tensor_parallel_size": "shard the model and KV cache over this many devices (default: 1)",
 }
 
 

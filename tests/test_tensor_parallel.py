@@ -1,0 +1,255 @@
+"""Tensor parallelism on a CPU mesh of fake devices: TP = 2, 4 (8) must reproduce TP = 1.
+
+XLA_FLAGS=--xla_force_host_platform_device_count must be set before JAX starts, so the sharded
+runs happen in a subprocess (this file run as a script, see `worker`), which leaves every other
+test's single-device JAX untouched. The worker loads the checkpoint under each TP size, checks
+every param's actual sharding against the declaration and the rules table, then prefills two
+prompts as one ragged batch and decodes greedily through the runner's own sharded forward and
+sampler programs; the test compares tokens and logits with TP = 1 (which tests/test_models.py
+checks against transformers).
+
+The GPU test at the end runs only on a machine with 2+ GPUs (nvidia-h200-x2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ATOL = 1e-4
+NUM_DECODE_STEPS = 6
+PROMPTS = ([5, 9, 14, 3, 27, 8, 11], [40, 2, 19])
+# The shardings the rules table must produce (PartitionSpec as a tuple, mesh axis "model").
+EXPECTED_SPECS = {
+    "q_proj": (None, "model"), "k_proj": (None, "model"), "v_proj": (None, "model"),
+    "gate_proj": (None, "model"), "up_proj": (None, "model"),
+    "o_proj": ("model", None), "down_proj": ("model", None),
+    "q_bias": ("model",), "k_bias": ("model",), "v_bias": ("model",),
+    "input_norm": (None,), "post_norm": (None,), "q_norm": (None,), "k_norm": (None,),
+    "final_norm": (None,), "embed": ("model", None), "lm_head": (None, "model"),
+}
+
+
+# ---------------------------------------------------------------- the subprocess
+
+
+def run_tp(model: str, tp_sizes, out: Path, *, dtype: str = "float32", devices: int = 8,
+           extra_env: dict | None = None) -> dict:
+    """Runs `worker` in a fresh interpreter with `devices` fake CPU devices; returns its results."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(ROOT), **(extra_env or {}))
+    cmd = [sys.executable, __file__, model, str(out), dtype, *map(str, tp_sizes)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = np.load(out)
+    return {key: data[key] for key in data.files}
+
+
+def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.model_source import resolve_model
+    from jaxpaged.models.params import _is_spec, load_params, param_specs
+    from jaxpaged.runner import ModelRunner
+    from jaxpaged.sampling_params import MAX_LOGPROBS
+    from jaxpaged.sharding import ShardingPlan
+    from jaxpaged.step_inputs import AttentionMetadata, empty_sampling_tensors
+
+    source = resolve_model(model)
+    config = ModelConfig.from_hf_config(source.hf_config())
+    weights = None if source.kind == "jaxpaged" else list(source.weights())  # read once
+    page_size, pages_per_seq, bucket, num_seqs = 8, 4, 16, len(PROMPTS)
+    results, errors = {}, []
+    for tp in tp_sizes:
+        plan = ShardingPlan.build(config, tp)
+        if weights is None:
+            from conversions.orbax_loader import restore_params
+
+            params = restore_params(source.path, config, jnp.dtype(dtype), plan)
+        else:
+            params = load_params(config, weights, jnp.dtype(dtype), plan)
+        # Every leaf's actual sharding is the declared one, and the declaration follows the rules.
+        specs = jax.tree.leaves(param_specs(plan.config), is_leaf=_is_spec)
+        named = jax.tree.leaves_with_path(params)
+        for (path, leaf), spec in zip(named, specs):
+            name = jax.tree_util.keystr(path[-1:]).strip("[]'")
+            declared = plan.sharding(spec.logical_axes)
+            if leaf.sharding != declared:
+                errors.append(f"TP={tp} {jax.tree_util.keystr(path)}: {leaf.sharding} != {declared}")
+            expected = EXPECTED_SPECS[name]
+            if name in ("embed", "lm_head") and config.vocab_size % tp:
+                expected = (None, None)
+            if tuple(declared.spec) + (None,) * (len(expected) - len(declared.spec)) != expected:
+                errors.append(f"TP={tp} {name}: declared {declared.spec}, rules say {expected}")
+            split = [s for s, e in zip(leaf.shape, expected) if e == "model"]
+            local = {shard.data.shape for shard in leaf.addressable_shards}
+            if tp > 1 and split and local != {tuple(s // tp if e == "model" else s
+                                                    for s, e in zip(leaf.shape, expected))}:
+                errors.append(f"TP={tp} {name}: device shards {local} are not 1/{tp} slices")
+        runner = ModelRunner(config, params, num_pages=num_seqs * pages_per_seq, page_size=page_size,
+                             max_num_seqs=num_seqs, pages_per_seq=pages_per_seq,
+                             max_model_len=page_size * pages_per_seq, token_buckets=(bucket,),
+                             attention_backend="reference", kv_dtype=jnp.dtype(dtype), plan=plan)
+        if runner.kv_pages[0].sharding != plan.kv_pages_sharding:
+            errors.append(f"TP={tp} kv_pages sharding {runner.kv_pages[0].sharding}")
+        sequences = [list(p) for p in PROMPTS]
+        computed = [0] * num_seqs
+        page_indices = np.arange(num_seqs * pages_per_seq, dtype=np.int32).reshape(num_seqs, -1)
+        all_logits = []
+        for _ in range(NUM_DECODE_STEPS + 1):
+            token_ids, positions, cu = np.zeros(bucket, np.int32), np.zeros(bucket, np.int32), [0]
+            for i, seq in enumerate(sequences):
+                new = seq[computed[i]:]
+                token_ids[cu[-1]:cu[-1] + len(new)] = new
+                positions[cu[-1]:cu[-1] + len(new)] = np.arange(computed[i], len(seq))
+                cu.append(cu[-1] + len(new))
+            metadata = AttentionMetadata(
+                positions=positions, kv_lens=np.array([len(s) for s in sequences], np.int32),
+                page_indices=page_indices, cu_q_lens=np.array(cu, np.int32),
+                num_seqs=np.array([num_seqs], np.int32),
+                logits_indices=np.array(cu[1:], np.int32) - 1)
+            logits, _, runner.kv_pages = runner._forward(runner.params, runner.kv_pages,
+                                                         token_ids, metadata)
+            if logits.sharding != plan.replicated:
+                errors.append(f"TP={tp} logits sharding {logits.sharding} is not replicated")
+            sampled = runner._sample(logits, empty_sampling_tensors(num_seqs, 1),
+                                     apply_penalties=False, num_top_logprobs=MAX_LOGPROBS)
+            tokens = np.asarray(sampled.token_ids)
+            all_logits.append(np.asarray(logits, np.float32))
+            for i, seq in enumerate(sequences):
+                computed[i] = len(seq)
+                seq.append(int(tokens[i]))
+        results[f"tokens_{tp}"] = np.array([s[len(p):] for s, p in zip(sequences, PROMPTS)])
+        results[f"logits_{tp}"] = np.stack(all_logits)  # [steps, S, V]
+        results[f"num_q_heads_{tp}"] = np.array(plan.config.num_q_heads)
+    results["errors"] = np.array(json.dumps(errors))
+    np.savez(out, **results)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def check_against_tp1(results: dict, tp_sizes) -> None:
+    errors = json.loads(str(results["errors"]))
+    assert not errors, "\n".join(errors)
+    expected_tokens, expected_logits = results["tokens_1"], results["logits_1"]
+    for tp in tp_sizes:
+        diff = float(np.abs(results[f"logits_{tp}"] - expected_logits).max())
+        assert diff < ATOL, f"TP={tp}: logits differ from TP=1 by {diff:.2e}"
+        assert results[f"tokens_{tp}"].tolist() == expected_tokens.tolist(), f"TP={tp} tokens"
+        # The logits are greedy-decided: the sampler's token is the argmax at every step.
+        assert (results[f"logits_{tp}"].argmax(-1).T == results[f"tokens_{tp}"]).all()
+
+
+TINY_FAMILIES = {  # family: TP sizes (8 where the tiny shapes allow it without padding blowing up)
+    "llama": (1, 2, 4, 8),  # 4/2 heads: KV replicated at TP 4, 8
+    "qwen2": (1, 2, 4),  # 6/1 heads with biases: q heads padded at TP 4
+    "qwen3": (1, 2, 4),  # q/k norm
+    "mistral": (1, 2, 4),  # MHA 4/4, sliding window
+}
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_tiny_family_tp_matches_tp1(family, tmp_path):
+    from test_models import family_config, save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", family_config(family))
+    tp_sizes = TINY_FAMILIES[family]
+    results = run_tp(str(tmp_path / "ckpt"), tp_sizes, tmp_path / "out.npz")
+    check_against_tp1(results, tp_sizes)
+
+
+@pytest.mark.slow
+def test_smollm2_tp_matches_tp1(smollm2_path, tmp_path):
+    # 9 query / 3 KV heads: TP=2 replicates KV heads to 6 and pads q heads to 12; TP=4 to 12/12.
+    results = run_tp(str(smollm2_path), (1, 2, 4), tmp_path / "out.npz")
+    assert int(results["num_q_heads_2"]) == 12 and int(results["num_q_heads_4"]) == 12
+    check_against_tp1(results, (1, 2, 4))
+
+
+def test_rules_table_refuses_collisions_and_unknown_axes():
+    from jaxpaged.sharding import RULES, partition_spec
+
+    assert tuple(partition_spec(("embed", "q_heads"), RULES)) == (None, "model")
+    with pytest.raises(ValueError, match="more than once"):
+        partition_spec(("q_heads", "mlp"), RULES)
+    with pytest.raises(ValueError, match="no entry in the sharding rules"):
+        partition_spec(("experts", "embed"), RULES)
+
+
+def test_too_many_devices_is_a_clear_error():
+    import jax
+
+    from jaxpaged.sharding import make_mesh
+
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=\d+ but only \d+"):
+        make_mesh(len(jax.devices()) + 1)
+
+
+# ---------------------------------------------------------------- GPU (2+ devices)
+
+GPU_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+              num_layers=32, num_q_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+              rope_theta=500000.0, max_position_embeddings=8192)
+
+
+@pytest.mark.gpu
+def test_gpu_8b_tp2_greedy_equals_tp1():
+    """8B-shaped random bf16 Llama, same weights (partitionable RNG) at TP=1 and TP=2: greedy
+    tokens must agree; logits within a bf16 tolerance (the all-reduce sums in another order)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.models.params import random_params
+    from jaxpaged.runner import ModelRunner
+    from jaxpaged.sampling_params import MAX_LOGPROBS
+    from jaxpaged.sharding import ShardingPlan
+    from jaxpaged.step_inputs import AttentionMetadata, empty_sampling_tensors
+
+    if len(jax.devices("gpu")) < 2:
+        pytest.skip("needs 2 GPUs")
+    config = ModelConfig(**GPU_8B)
+    prompt = list(range(1000, 1064))
+    outs = {}
+    for tp in (1, 2):
+        plan = ShardingPlan.build(config, tp)
+        params = random_params(config, jnp.bfloat16, seed=0, plan=plan)
+        runner = ModelRunner(config, params, num_pages=8, page_size=16, max_num_seqs=1,
+                             pages_per_seq=8, max_model_len=128, token_buckets=(64,),
+                             attention_backend="auto", kv_dtype=jnp.bfloat16, plan=plan)
+        seq, logits_seen, computed = list(prompt), [], 0
+        for _ in range(16):
+            new = seq[computed:]
+            token_ids = np.zeros(64, np.int32)
+            token_ids[:len(new)] = new
+            positions = np.zeros(64, np.int32)
+            positions[:len(new)] = np.arange(computed, len(seq))
+            metadata = AttentionMetadata(
+                positions=positions, kv_lens=np.array([len(seq)], np.int32),
+                page_indices=np.arange(8, dtype=np.int32)[None], cu_q_lens=np.array([0, len(new)], np.int32),
+                num_seqs=np.array([1], np.int32), logits_indices=np.array([len(new) - 1], np.int32))
+            logits, _, runner.kv_pages = runner._forward(runner.params, runner.kv_pages, token_ids, metadata)
+            sampled = runner._sample(logits, empty_sampling_tensors(1, 1), apply_penalties=False,
+                                     num_top_logprobs=MAX_LOGPROBS)
+            logits_seen.append(np.asarray(logits, np.float32)[0])
+            computed = len(seq)
+            seq.append(int(np.asarray(sampled.token_ids)[0]))
+        outs[tp] = (seq[len(prompt):], np.stack(logits_seen))
+        del params, runner
+    assert outs[2][0] == outs[1][0]
+    diff = float(np.abs(outs[2][1] - outs[1][1]).max())
+    assert diff < 0.1, f"TP=2 logits differ from TP=1 by {diff}"  # bf16 reduction-order noise
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2], sys.argv[3], [int(a) for a in sys.argv[4:]])
