@@ -24,6 +24,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
+# SmolLM2's 30 layers end in logits up to ~37; float32 all-reduces summing in another order left
+# TP=2 1.02e-4 from TP=1 in one step (relative 3e-6), so its bound is twice the tiny models'.
+SMOLLM2_ATOL = 2e-4
 NUM_DECODE_STEPS = 6
 PROMPTS = ([5, 9, 14, 3, 27, 8, 11], [40, 2, 19])
 # The shardings the rules table must produce (PartitionSpec as a tuple, mesh axis "model").
@@ -138,13 +141,13 @@ def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
 # ---------------------------------------------------------------- tests
 
 
-def check_against_tp1(results: dict, tp_sizes) -> None:
+def check_against_tp1(results: dict, tp_sizes, atol: float = ATOL) -> None:
     errors = json.loads(str(results["errors"]))
     assert not errors, "\n".join(errors)
     expected_tokens, expected_logits = results["tokens_1"], results["logits_1"]
     for tp in tp_sizes:
         diff = float(np.abs(results[f"logits_{tp}"] - expected_logits).max())
-        assert diff < ATOL, f"TP={tp}: logits differ from TP=1 by {diff:.2e}"
+        assert diff < atol, f"TP={tp}: logits differ from TP=1 by {diff:.2e}"
         assert results[f"tokens_{tp}"].tolist() == expected_tokens.tolist(), f"TP={tp} tokens"
         # The logits are greedy-decided: the sampler's token is the argmax at every step.
         assert (results[f"logits_{tp}"].argmax(-1).T == results[f"tokens_{tp}"]).all()
@@ -173,7 +176,7 @@ def test_smollm2_tp_matches_tp1(smollm2_path, tmp_path):
     # 9 query / 3 KV heads: TP=2 replicates KV heads to 6 and pads q heads to 12; TP=4 to 12/12.
     results = run_tp(str(smollm2_path), (1, 2, 4), tmp_path / "out.npz")
     assert int(results["num_q_heads_2"]) == 12 and int(results["num_q_heads_4"]) == 12
-    check_against_tp1(results, (1, 2, 4))
+    check_against_tp1(results, (1, 2, 4), SMOLLM2_ATOL)
 
 
 def test_rules_table_refuses_collisions_and_unknown_axes():
