@@ -30,6 +30,7 @@ CONVERTER_VERSION = "1"
 FORMAT = "jaxpaged-orbax"
 METADATA_FILE = "jaxpaged_checkpoint.json"
 PARAMS_DIR = "params"
+CHUNK_BYTES = 32 << 20
 DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.dtype(np.float32)}
 _FLOAT_KINDS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
 _TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -152,10 +153,13 @@ def _checked(weights):
 
 
 def _save_params(path: Path, params: dict) -> None:
+    import jax
     import orbax.checkpoint as ocp
 
+    # Chunks of at most 32 MiB: a sharded restore then reads (about) only each device's slice.
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path.resolve(), params)
+        checkpointer.save(path.resolve(), params, save_args=save_args)
 
 
 def sha256(file: Path) -> str:

@@ -4,8 +4,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count must be set before JAX starts, 
 runs happen in a subprocess (this file run as a script, see `worker`), which leaves every other
 test's single-device JAX untouched. The worker loads the checkpoint under each TP size, checks
 every param's actual sharding against the declaration and the rules table, then prefills two
-prompts as one ragged batch and decodes greedily through the runner's own sharded forward and
-sampler programs; the test compares tokens and logits with TP = 1 (which tests/test_models.py
+prompts as one ragged batch and decodes greedily through the runner's own sharded forward program
+(and, at the largest TP, its sampler on the replicated logits); the test compares tokens and logits with TP = 1 (which tests/test_models.py
 checks against transformers).
 
 The GPU test at the end runs only on a machine with 2+ GPUs (nvidia-h200-x2).
@@ -124,9 +124,12 @@ def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
                                                          token_ids, metadata)
             if logits.sharding != plan.replicated:
                 errors.append(f"TP={tp} logits sharding {logits.sharding} is not replicated")
-            sampled = runner._sample(logits, empty_sampling_tensors(num_seqs, 1),
-                                     apply_penalties=False, num_top_logprobs=MAX_LOGPROBS)
-            tokens = np.asarray(sampled.token_ids)
+            if tp == max(tp_sizes):  # the engine's sampler on replicated logits (compiled once)
+                tokens = np.asarray(runner._sample(
+                    logits, empty_sampling_tensors(num_seqs, 1), apply_penalties=False,
+                    num_top_logprobs=MAX_LOGPROBS).token_ids)
+            else:
+                tokens = np.asarray(logits).argmax(-1)
             all_logits.append(np.asarray(logits, np.float32))
             for i, seq in enumerate(sequences):
                 computed[i] = len(seq)
@@ -149,7 +152,7 @@ def check_against_tp1(results: dict, tp_sizes, atol: float = ATOL) -> None:
         diff = float(np.abs(results[f"logits_{tp}"] - expected_logits).max())
         assert diff < atol, f"TP={tp}: logits differ from TP=1 by {diff:.2e}"
         assert results[f"tokens_{tp}"].tolist() == expected_tokens.tolist(), f"TP={tp} tokens"
-        # The logits are greedy-decided: the sampler's token is the argmax at every step.
+        # Greedy: every token is the argmax of its step's logits (the sampler's, at the largest TP).
         assert (results[f"logits_{tp}"].argmax(-1).T == results[f"tokens_{tp}"]).all()
 
 
