@@ -55,8 +55,8 @@ def test_hf_dir_round_trip_is_bit_identical(qwen2_dir, tmp_path, dtype, jax_dtyp
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (dst / name).is_file(), name
     tokenizer, original = source.tokenizer(), resolve_model(str(qwen2_dir)).tokenizer()
-    assert tokenizer.get_vocab() == original.get_vocab() and len(tokenizer.get_vocab()) == VOCAB
-    assert tokenizer.eos_token_id == original.eos_token_id == 1
+    assert tokenizer.get_vocab() == original.get_vocab() and len(tokenizer.get_vocab()) >= VOCAB
+    assert tokenizer.eos_token_id == original.eos_token_id is not None
 
 
 def test_converted_dir_serves_as_model_and_restores_under_tp2(tmp_path):
