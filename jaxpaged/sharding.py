@@ -94,21 +94,14 @@ class ShardingPlan:
         tp = tensor_parallel_size
         mesh = make_mesh(tp, devices)
         hq, hkv = config.num_q_heads, config.num_kv_heads
-        group = hq // hkv
+        q_sources, kv_sources = head_layout(hq, hkv, tp)
         notes = []
-        if hkv % tp == 0:
-            kv_sources, q_sources = tuple(range(hkv)), tuple(range(hq))
-        else:
-            replicas = math.lcm(hkv, tp) // hkv
-            per_replica = -(-group // replicas)  # query heads each KV replica serves
-            kv_sources = tuple(h for h in range(hkv) for _ in range(replicas))
-            q_sources = tuple(h * group + g if g < group else -1
-                              for h in range(hkv) for r in range(replicas)
-                              for g in range(r * per_replica, (r + 1) * per_replica))
-            notes.append(f"{hkv} KV heads replicated x{replicas} to {len(kv_sources)} (TP={tp})")
-            if len(q_sources) != hq:
-                notes.append(f"{hq} query heads padded with {len(q_sources) - hq} zero heads "
-                             f"to {len(q_sources)}")
+        if len(kv_sources) != hkv:
+            notes.append(f"{hkv} KV heads replicated x{len(kv_sources) // hkv} to "
+                         f"{len(kv_sources)} (TP={tp})")
+        if len(q_sources) != hq:
+            notes.append(f"{hq} query heads padded with {len(q_sources) - hq} zero heads "
+                         f"to {len(q_sources)}")
         mlp = -(-config.intermediate_size // tp) * tp
         if mlp != config.intermediate_size:
             notes.append(f"MLP width {config.intermediate_size} zero-padded to {mlp}")
@@ -173,6 +166,24 @@ class ShardingPlan:
         pages = partition_spec(KV_PAGES_AXES, self.rules)
         return jax.shard_map(attention, mesh=self.mesh, in_specs=(heads, heads, heads, pages, P()),
                              out_specs=(heads, pages), check_vma=False)
+
+
+def head_layout(num_q_heads: int, num_kv_heads: int, tp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(source of each padded q head or -1, source of each padded KV head) for TP devices.
+
+    Heads split into TP contiguous blocks; padded q head j attends with padded KV head
+    j // (Hq' / Hkv'), which holds the same KV head the source q head used (GQA preserved).
+    """
+    group = num_q_heads // num_kv_heads
+    if num_kv_heads % tp == 0:
+        return tuple(range(num_q_heads)), tuple(range(num_kv_heads))
+    replicas = math.lcm(num_kv_heads, tp) // num_kv_heads
+    per_replica = -(-group // replicas)  # query heads each KV replica serves
+    kv_sources = tuple(h for h in range(num_kv_heads) for _ in range(replicas))
+    q_sources = tuple(h * group + g if g < group else -1
+                      for h in range(num_kv_heads) for r in range(replicas)
+                      for g in range(r * per_replica, (r + 1) * per_replica))
+    return q_sources, kv_sources
 
 
 def _select_heads(array, axis: int, sources: tuple[int, ...], head_dim: int, xp):

@@ -192,6 +192,23 @@ def test_rules_table_refuses_collisions_and_unknown_axes():
         partition_spec(("experts", "embed"), RULES)
 
 
+@pytest.mark.parametrize("num_q_heads, num_kv_heads", [(9, 3), (32, 8), (6, 1), (4, 4), (14, 2), (12, 6)])
+@pytest.mark.parametrize("tp", [1, 2, 3, 4, 8])
+def test_head_layout_keeps_every_head_with_its_kv_head(num_q_heads, num_kv_heads, tp):
+    from jaxpaged.sharding import head_layout
+
+    q_sources, kv_sources = head_layout(num_q_heads, num_kv_heads, tp)
+    assert len(kv_sources) % tp == 0 and len(q_sources) % len(kv_sources) == 0
+    assert sorted(s for s in q_sources if s >= 0) == list(range(num_q_heads))  # each head once
+    assert sorted(set(kv_sources)) == list(range(num_kv_heads))
+    padded_group = len(q_sources) // len(kv_sources)
+    for j, source in enumerate(q_sources):  # GQA: the source head's own KV head, on its device
+        if source >= 0:
+            assert kv_sources[j // padded_group] == source // (num_q_heads // num_kv_heads)
+    if num_kv_heads % tp == 0:
+        assert q_sources == tuple(range(num_q_heads)), "no padding when TP divides the KV heads"
+
+
 def test_too_many_devices_is_a_clear_error():
     import jax
 
