@@ -227,8 +227,14 @@ GPU_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermedi
 
 @pytest.mark.gpu
 def test_gpu_8b_tp2_greedy_equals_tp1():
-    """8B-shaped random bf16 Llama, same weights (partitionable RNG) at TP=1 and TP=2: greedy
-    tokens must agree; logits within a bf16 tolerance (the all-reduce sums in another order)."""
+    """8B-shaped random bf16 Llama, the same weights at TP=1 and TP=2 (partitionable RNG).
+
+    TP=1 decodes greedily; TP=2 is fed TP=1's tokens (teacher forcing) so one near-tie cannot
+    derail the rest. Its logits must stay within a bf16 tolerance (the all-reduces sum in another
+    order) and its greedy choice must equal TP=1's except at near-ties (TP=1 rates TP=2's choice
+    within that tolerance of its own); a random model's logits are close together, so near-ties
+    can happen. How many steps agree exactly is printed.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -239,39 +245,50 @@ def test_gpu_8b_tp2_greedy_equals_tp1():
     from jaxpaged.sharding import ShardingPlan
     from jaxpaged.step_inputs import AttentionMetadata, empty_sampling_tensors
 
-    if len(jax.devices("gpu")) < 2:
+    if len(jax.devices()) < 2:
         pytest.skip("needs 2 GPUs")
     config = ModelConfig(**GPU_8B)
-    prompt = list(range(1000, 1064))
-    outs = {}
+    prompt, num_steps, bucket = list(range(1000, 1064)), 16, 64
+    outs, forced = {}, None
     for tp in (1, 2):
         plan = ShardingPlan.build(config, tp)
         params = random_params(config, jnp.bfloat16, seed=0, plan=plan)
         runner = ModelRunner(config, params, num_pages=8, page_size=16, max_num_seqs=1,
-                             pages_per_seq=8, max_model_len=128, token_buckets=(64,),
+                             pages_per_seq=8, max_model_len=128, token_buckets=(bucket,),
                              attention_backend="auto", kv_dtype=jnp.bfloat16, plan=plan)
-        seq, logits_seen, computed = list(prompt), [], 0
-        for _ in range(16):
+        seq, chosen, logits_seen, computed = list(prompt), [], [], 0
+        for step in range(num_steps):
             new = seq[computed:]
-            token_ids = np.zeros(64, np.int32)
+            token_ids, positions = np.zeros(bucket, np.int32), np.zeros(bucket, np.int32)
             token_ids[:len(new)] = new
-            positions = np.zeros(64, np.int32)
             positions[:len(new)] = np.arange(computed, len(seq))
             metadata = AttentionMetadata(
                 positions=positions, kv_lens=np.array([len(seq)], np.int32),
-                page_indices=np.arange(8, dtype=np.int32)[None], cu_q_lens=np.array([0, len(new)], np.int32),
-                num_seqs=np.array([1], np.int32), logits_indices=np.array([len(new) - 1], np.int32))
-            logits, _, runner.kv_pages = runner._forward(runner.params, runner.kv_pages, token_ids, metadata)
+                page_indices=np.arange(8, dtype=np.int32)[None],
+                cu_q_lens=np.array([0, len(new)], np.int32), num_seqs=np.array([1], np.int32),
+                logits_indices=np.array([len(new) - 1], np.int32))
+            logits, _, runner.kv_pages = runner._forward(runner.params, runner.kv_pages,
+                                                         token_ids, metadata)
             sampled = runner._sample(logits, empty_sampling_tensors(1, 1), apply_penalties=False,
                                      num_top_logprobs=MAX_LOGPROBS)
             logits_seen.append(np.asarray(logits, np.float32)[0])
+            chosen.append(int(np.asarray(sampled.token_ids)[0]))
             computed = len(seq)
-            seq.append(int(np.asarray(sampled.token_ids)[0]))
-        outs[tp] = (seq[len(prompt):], np.stack(logits_seen))
+            seq.append(forced[step] if forced else chosen[-1])
+        outs[tp] = (chosen, np.stack(logits_seen))  # [steps], [steps, V]
+        forced = chosen
         del params, runner
-    assert outs[2][0] == outs[1][0]
-    diff = float(np.abs(outs[2][1] - outs[1][1]).max())
-    assert diff < 0.1, f"TP=2 logits differ from TP=1 by {diff}"  # bf16 reduction-order noise
+    (tokens1, logits1), (tokens2, logits2) = outs[1], outs[2]
+    # 4 bf16 ulps of the largest logit: reduction-order noise, far below a real sharding bug
+    # (a misplaced head or a missing all-reduce moves logits by O(1)).
+    tolerance = 2 ** -6 * max(1.0, float(np.abs(logits1).max()))
+    diff = float(np.abs(logits2 - logits1).max())
+    same = sum(a == b for a, b in zip(tokens1, tokens2))
+    print(f"TP=2 vs TP=1: max |logits diff| {diff:.3g} (tolerance {tolerance:.3g}), "
+          f"greedy tokens equal at {same}/{num_steps} steps")
+    assert diff < tolerance
+    for step, (a, b) in enumerate(zip(tokens1, tokens2)):  # a differing choice must be a near-tie
+        assert a == b or logits1[step, b] >= logits1[step, a] - 2 * tolerance, step
 
 
 if __name__ == "__main__":
