@@ -78,7 +78,7 @@ def decode_steps(config: ModelConfig, tp: int, batches: list[int], context: int,
         rows.append({"tp": tp, "batch": batch, "context": context, "step_ms": 1e3 * seconds,
                      "compile_seconds": compile_seconds, "programs": compiles,
                      "padding": list(plan.notes)})
-        del runner
+        runner = None  # free this batch size's KV cache before the next one
     del params
     return rows
 
