@@ -144,7 +144,7 @@ def _checked(weights):
             item = next(iterator)
         except StopIteration:
             return
-        except (ConversionError, FileNotFoundError):
+        except (ValueError, FileNotFoundError):  # the readers' own one-line messages
             raise
         except Exception as error:  # safetensors/gguf raise their own types on truncated data
             text = str(error).splitlines()[0] if str(error) else type(error).__name__
