@@ -1,4 +1,4 @@
-"""`jaxpaged` command line: generate, chat, serve, run-batch.
+"""`jaxpaged` command line: generate, chat, serve, run-batch, convert.
 
 Engine flags are generated from EngineConfig's fields and named like vLLM's (`--max-model-len`).
 Errors reach the user as one line, never a traceback.
@@ -17,6 +17,7 @@ _FLAG_HELP = {
     "model": "HF directory, .gguf file or Hub name (default: the embedded SmolLM2-135M-Instruct)",
     "dtype": "auto (float32 on CPU, bfloat16 on accelerators), float32, bfloat16, float16",
     "attention_backend": "auto, reference or pallas",
+    "tensor_parallel_size": "shard the model and KV cache over this many devices (default: 1)",
 }
 
 
@@ -126,6 +127,15 @@ def cmd_run_batch(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from conversions.convert import convert
+
+    dst = convert(args.src, args.dst, dtype=args.dtype, model_type=args.model_type,
+                  force=args.force)
+    print(f"wrote {dst}; serve it with: jaxpaged serve {dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_flags(batch)
     batch.set_defaults(handler=cmd_run_batch)
+
+    convert = commands.add_parser("convert", help="convert an HF dir, Hub name or GGUF file into "
+                                                  "a jaxpaged (orbax) checkpoint")
+    convert.add_argument("src", help="HF directory, Hub name or .gguf file")
+    convert.add_argument("dst", help="output directory (use it as --model)")
+    convert.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                         help="auto keeps bf16/fp16 sources as bf16, the rest (GGUF too) as fp32")
+    convert.add_argument("--model-type", default=None,
+                         help="override the config's model_type (llama, mistral, qwen2, qwen3)")
+    convert.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    convert.set_defaults(handler=cmd_convert)
     return parser
 
 
