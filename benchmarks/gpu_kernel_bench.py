@@ -1,10 +1,14 @@
-"""Time the GPU Pallas ragged paged attention kernel against the pure-jnp reference.
+"""Time the GPU Pallas ragged paged attention op against the ceilings measured in the same run.
 
-Decode batches {1, 8, 32, 128} x context {512, 2048, 8192} and prefill 1x2048, 8x512, Llama-3-8B
-attention heads (32 q / 8 kv, head_dim 128), bf16. Reports median time, achieved KV bandwidth
-(KV bytes read / time) and its ratio to a device-to-device copy measured in the same run.
+One run measures: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate;
+then decode batch {1, 8, 32, 128} x context {512, 2k, 8k, 32k} and prefill 1x2048, 8x512 with
+Llama-3-8B attention heads (32 q / 8 kv, head_dim 128), bf16. Decode reports achieved bandwidth
+(KV bytes read + q/out + new k/v, over the whole op: KV write, both kernels, split merge) and its
+ratio to the copy bandwidth; prefill reports TFLOP/s (causal: only attended keys count) and its
+ratio to the matmul rate. The pure-jnp reference is timed where it runs in reasonable time.
+`--sweep` adds page-size and decode tile/pipelining variants for a few shapes.
 
-    python benchmarks/gpu_kernel_bench.py [--out results.json]
+    python benchmarks/gpu_kernel_bench.py --sweep --out results.json
     python benchmarks/gpu_kernel_bench.py --smoke --interpret   # tiny, CPU
 """
 
@@ -18,87 +22,161 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pallas_kernels import get_kv_cache_shape, ragged_paged_attention_reference  # noqa: E402
 from pallas_kernels.gpu import ragged_paged_attention_gpu  # noqa: E402
 
 
-def median_time(fn, args, repeats, cache_arg=None):
-    """Median wall time. With cache_arg, fn donates that argument and returns (out, new cache),
-    which feeds the next call: the K/V write is then in place, not a copy of the whole cache."""
+def seconds_per_call(fn, args, *, calls, rounds, carry=None):
+    """Median over `rounds` of (time of `calls` back-to-back calls) / calls; the first call
+    compiles. With carry=i, fn donates args[i] and returns (out, new args[i]), which feeds the
+    next call, so the cache update stays in place and nothing waits on the host between calls."""
     args = list(args)
+
+    def run(n):
+        res = None
+        for _ in range(n):
+            res = fn(*args)
+            if carry is not None:
+                args[carry] = res[1]
+        jax.block_until_ready(res)
+
+    run(2)
     times = []
-    for i in range(repeats + 1):  # the first call compiles and warms up
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        res = jax.block_until_ready(fn(*args))
-        if i:
-            times.append(time.perf_counter() - t0)
-        if cache_arg is not None:
-            args[cache_arg] = res[1]
+        run(calls)
+        times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times), tuple(args)
 
 
-def copy_bandwidth(nbytes, repeats):
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    t, _ = median_time(jax.jit(lambda a: a * 1.0), (x,), repeats)
+def looped(op, iters):
+    """`iters` applications of op in one program (lax.fori_loop), the cache carried through: the
+    time per iteration is device time, free of the ~0.3 ms host dispatch of a jitted call, which
+    the engine pays once per step for all its layers, not once per attention op."""
+
+    def many(q, k, v, kv_pages, *meta):
+        def body(_, carry):
+            kv, total = carry
+            out, kv = op(q, k, v, kv, *meta)
+            return kv, total + jnp.sum(out.astype(jnp.float32))  # keeps every output row live
+
+        kv_pages, total = lax.fori_loop(0, iters, body, (kv_pages, jnp.float32(0)))
+        return total, kv_pages
+
+    return many
+
+
+def copy_bandwidth(nbytes, rounds):
+    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+    t, _ = seconds_per_call(jax.jit(lambda a: a + 1), (x,), calls=10, rounds=rounds)
     return 2 * x.nbytes / t  # read + write
 
 
-def make_args(batch, q_len, ctx, *, hq, hkv, d, page_size, dtype):
+def matmul_rate(n, rounds):
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
+    t, _ = seconds_per_call(jax.jit(jnp.dot), (a, b), calls=10, rounds=rounds)
+    return 2 * n**3 / t
+
+
+def make_args(batch, q_len, ctx, *, hq, hkv, d, page_size, dtype, seed=0):
     pages_per_seq = -(-ctx // page_size)
     num_pages = batch * pages_per_seq + 1
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     t = batch * q_len
-    kv = jnp.asarray(rng.standard_normal(get_kv_cache_shape(num_pages, page_size, hkv, d), np.float32), dtype)
+    kv = jax.random.normal(jax.random.key(seed), get_kv_cache_shape(num_pages, page_size, hkv, d), dtype)
     page_indices = jnp.asarray(rng.permutation(num_pages)[: batch * pages_per_seq].reshape(batch, pages_per_seq), jnp.int32)
     r = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), dtype)
     return (r(t, hq, d), r(t, hkv, d), r(t, hkv, d), kv, jnp.full((batch,), ctx, jnp.int32), page_indices,
             jnp.arange(batch + 1, dtype=jnp.int32) * q_len, jnp.asarray([batch], jnp.int32))
 
 
+def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype, rounds, interpret, ceilings, loop):
+    args = make_args(batch, q_len, ctx, hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=dtype)
+    static = dict(sm_scale=d**-0.5)
+    if impl == "ref":
+        op = lambda *x: ragged_paged_attention_reference(*x, **static)
+    else:
+        op = lambda *x: ragged_paged_attention_gpu(*x, interpret=interpret, **static, **opts)
+    fn = jax.jit(looped(op, loop) if loop > 1 else op, donate_argnums=3)
+    t, args = seconds_per_call(fn, args, calls=10 if kind == "decode" else 5, rounds=rounds, carry=3)
+    t /= max(loop, 1)
+    del args
+    item = jnp.dtype(dtype).itemsize
+    tokens = batch * q_len
+    nbytes = batch * ctx * 2 * hkv * d * item + tokens * (2 * hq + 2 * hkv) * d * item
+    # Causal: query at position p attends p + 1 keys; QK^T and PV are 2 flops per multiply-add each.
+    attended = batch * sum(ctx - q_len + j + 1 for j in range(q_len))
+    flops = 4 * hq * d * attended
+    row = dict(kind=kind, batch=batch, q_len=q_len, ctx=ctx, page_size=page_size, impl=impl, loop=loop,
+               opts={k: v for k, v in opts.items()}, ms=t * 1e3, gbps=nbytes / t / 1e9,
+               of_copy=nbytes / t / ceilings["copy"], tflops=flops / t / 1e12, of_matmul=flops / t / ceilings["matmul"])
+    print(f"{kind:8} {batch:5} {q_len:5} {ctx:6} {page_size:4} {impl:6} {json.dumps(row['opts']):58} "
+          f"{row['ms']:9.3f} {row['gbps']:8.1f} {row['of_copy']:6.2f} {row['tflops']:7.1f} {row['of_matmul']:5.2f}", flush=True)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU)")
     ap.add_argument("--interpret", action="store_true")
-    ap.add_argument("--page-sizes", default="16,32")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sweep", action="store_true", help="also page-size and decode-variant sweeps")
+    ap.add_argument("--decode-only", action="store_true")
+    ap.add_argument("--no-ref", action="store_true")
+    ap.add_argument("--loop", type=int, default=20, help="op applications per timed program (1: one jitted call each)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    if a.smoke:
-        hq, hkv, d, repeats = 4, 2, 64, 1
-        cases = [("decode", 2, 1, 40), ("prefill", 1, 16, 16)]
-        page_sizes = [16]
-    else:
-        hq, hkv, d, repeats = 32, 8, 128, a.repeats
-        cases = [("decode", b, 1, c) for b in (1, 8, 32, 128) for c in (512, 2048, 8192)]
-        cases += [("prefill", 1, 2048, 2048), ("prefill", 8, 512, 512)]
-        page_sizes = [int(p) for p in a.page_sizes.split(",")]
     dtype = jnp.bfloat16
-    copy_bw = copy_bandwidth(1 << (16 if a.smoke else 30), repeats)
-    print(f"device: {jax.devices()[0].device_kind}  copy bandwidth: {copy_bw / 1e9:.1f} GB/s")
+    if a.smoke:
+        hq, hkv, d, rounds, page = 4, 2, 64, 1, 16
+        cases = [("decode", 2, 1, 40)]
+        ceilings = dict(copy=copy_bandwidth(1 << 16, 1), matmul=matmul_rate(64, 1))
+    else:
+        hq, hkv, d, rounds, page = 32, 8, 128, a.rounds, a.page_size
+        cases = [("decode", b, 1, c) for b in (1, 8, 32, 128) for c in (512, 2048, 8192, 32768)]
+        cases += [] if a.decode_only else [("prefill", 1, 2048, 2048), ("prefill", 8, 512, 512)]
+        ceilings = dict(copy=copy_bandwidth(4 << 30, rounds), matmul=matmul_rate(8192, rounds))
+    device = jax.devices()[0].device_kind
+    print(f"device: {device}  copy bandwidth: {ceilings['copy'] / 1e9:.1f} GB/s  bf16 matmul: {ceilings['matmul'] / 1e12:.1f} TFLOP/s")
+    print(f"{'kind':8} {'batch':>5} {'q_len':>5} {'ctx':>6} {'page':>4} {'impl':6} {'opts':58} {'ms':>9} {'GB/s':>8} "
+          f"{'/copy':>6} {'TFLOP/s':>7} {'/mm':>5}")
     rows = []
-    print(f"{'kind':8} {'batch':>5} {'q_len':>5} {'ctx':>6} {'page':>4} {'impl':8} {'ms':>9} {'GB/s':>8} {'of copy':>7}")
+
+    def save():  # after every row: a run cut short still leaves its numbers
+        if a.out:
+            a.out.write_text(json.dumps(dict(device=device, command=" ".join(sys.argv), copy_gbps=ceilings["copy"] / 1e9,
+                                             matmul_tflops=ceilings["matmul"] / 1e12, rows=rows), indent=1))
+
+    def measure_row(*args, **kw):
+        try:
+            rows.append(measure(*args, hq=hq, hkv=hkv, d=d, dtype=dtype, rounds=rounds, interpret=a.interpret,
+                                ceilings=ceilings, loop=1 if a.smoke else a.loop, **kw))
+        except Exception as e:  # a variant that fails to compile must not cost the rest of the run
+            if a.smoke:
+                raise
+            print(f"FAILED {args}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            rows.append(dict(zip(("kind", "batch", "q_len", "ctx", "page_size", "impl", "opts"), args), error=str(e)[:300]))
+        save()
+
     for kind, batch, q_len, ctx in cases:
-        for page_size in page_sizes:
-            args = make_args(batch, q_len, ctx, hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=dtype)
-            kv_bytes = batch * ctx * 2 * hkv * d * jnp.dtype(dtype).itemsize
-            static = dict(sm_scale=d**-0.5)
-            qb = 1 if kind == "decode" else 16
-            impls = {
-                "ref": jax.jit(lambda *x: ragged_paged_attention_reference(*x, **static), donate_argnums=3),
-                "pallas": jax.jit(lambda *x, qb=qb: ragged_paged_attention_gpu(
-                    *x, q_block_size=qb, interpret=a.interpret, **static), donate_argnums=3),
-            }
-            for name, fn in impls.items():
-                t, args = median_time(fn, args, repeats, cache_arg=3)  # args hold the live cache
-                bw = kv_bytes / t
-                rows.append(dict(kind=kind, batch=batch, q_len=q_len, ctx=ctx, page_size=page_size, impl=name,
-                                 ms=t * 1e3, gbps=bw / 1e9, of_copy=bw / copy_bw))
-                print(f"{kind:8} {batch:5} {q_len:5} {ctx:6} {page_size:4} {name:8} {t * 1e3:9.3f} "
-                      f"{bw / 1e9:8.1f} {bw / copy_bw:7.2f}", flush=True)
-    if a.out:
-        a.out.write_text(json.dumps(dict(device=jax.devices()[0].device_kind, copy_gbps=copy_bw / 1e9, rows=rows), indent=1))
+        opts = dict(q_block_size=4) if a.smoke and kind == "prefill" else {}
+        measure_row(kind, batch, q_len, ctx, page, "pallas", opts)
+        if not a.no_ref and (kind == "prefill" or batch * ctx <= 32 * 8192):  # the reference is slow
+            measure_row(kind, batch, q_len, ctx, page, "ref", {})
+    if a.sweep and not a.smoke:
+        for batch, ctx in ((32, 8192), (128, 2048)):
+            for page_size in (16, 128):
+                measure_row("decode", batch, 1, ctx, page_size, "pallas", {})
+            for warps, stages, keys in ((4, 2, 128), (8, 3, 128), (4, 3, 256)):
+                dec = dict(num_warps=warps, num_stages=stages, pages_per_iter=max(1, keys // page))
+                measure_row("decode", batch, 1, ctx, page, "pallas", dict(decode=dec))
+        for bq, ppb, warps, stages in ((16, 1, 4, 2), (32, 1, 8, 2)):
+            opts = dict(q_block_size=bq, pages_per_kv_block=ppb, num_warps=warps, num_stages=stages)
+            measure_row("prefill", 1, 2048, 2048, page, "pallas", opts)
 
 
 if __name__ == "__main__":

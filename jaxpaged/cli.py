@@ -1,4 +1,4 @@
-"""`jaxpaged` command line: generate, chat, serve, bench.
+"""`jaxpaged` command line: generate, chat, serve, run-batch, convert, bench.
 
 Engine flags are generated from EngineConfig's fields and named like vLLM's (`--max-model-len`).
 Errors reach the user as one line, never a traceback.
@@ -17,6 +17,7 @@ _FLAG_HELP = {
     "model": "HF directory, .gguf file or Hub name (default: the embedded SmolLM2-135M-Instruct)",
     "dtype": "auto (float32 on CPU, bfloat16 on accelerators), float32, bfloat16, float16",
     "attention_backend": "auto, reference or pallas",
+    "tensor_parallel_size": "shard the model and KV cache over this many devices (default: 1)",
     "load_format": "auto (read the checkpoint) or dummy (random weights of the model's shapes; "
                    "also for shipped configs: llama-3.1-8b, llama-3.2-1b, qwen2.5-7b)",
 }
@@ -113,6 +114,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_run_batch(args) -> int:
+    from pathlib import Path
+
+    from jaxpaged.batch import BatchRunner
+
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"no input file {args.input}")
+    llm = _make_llm(args)
+    runner = BatchRunner(llm.engine, served_model_names=args.served_model_name)
+    summary = runner.run(Path(args.input), Path(args.output), use_tqdm=not args.no_progress)
+    print(f"run-batch: {summary.completed} completed, {summary.failed} failed, "
+          f"{summary.skipped} skipped (already in {args.output} or repeated)", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from conversions.convert import convert
+
+    dst = convert(args.src, args.dst, dtype=args.dtype, model_type=args.model_type,
+                  force=args.force)
+    print(f"wrote {dst}; serve it with: jaxpaged serve {dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +171,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--uvicorn-log-level", default="info")
     add_engine_flags(serve)
     serve.set_defaults(handler=cmd_serve)
+
+    batch = commands.add_parser(
+        "run-batch", help="OpenAI Batch-format JSONL through the engine; resumable",
+        description="Reads requests (custom_id, method, url, body) from INPUT line by line and "
+                    "appends one result line per request to OUTPUT as each finishes. Rerun the "
+                    "same command after an interruption: custom_ids already in OUTPUT are skipped.")
+    batch.add_argument("-i", "--input", required=True, help="input JSONL file")
+    batch.add_argument("-o", "--output", required=True, help="output JSONL file (appended to)")
+    batch.add_argument("--served-model-name", nargs="+", default=None,
+                       help="model name(s) the requests' 'model' field may use "
+                            "(default: the model's name)")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_flags(batch)
+    batch.set_defaults(handler=cmd_run_batch)
+
+    convert = commands.add_parser("convert", help="convert an HF dir, Hub name or GGUF file into "
+                                                  "a jaxpaged (orbax) checkpoint")
+    convert.add_argument("src", help="HF directory, Hub name or .gguf file")
+    convert.add_argument("dst", help="output directory (use it as --model)")
+    convert.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                         help="auto keeps bf16/fp16 sources as bf16, the rest (GGUF too) as fp32")
+    convert.add_argument("--model-type", default=None,
+                         help="override the config's model_type (llama, mistral, qwen2, qwen3)")
+    convert.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    convert.set_defaults(handler=cmd_convert)
 
     from jaxpaged.bench.commands import add_bench_parser
 

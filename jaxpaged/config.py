@@ -124,6 +124,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None  # explicit KV budget (wins over utilization)
     attention_backend: str = "auto"
+    tensor_parallel_size: int = 1  # devices the model and KV cache are sharded over
     seed: int = 0
     enable_prefix_caching: bool = True
     token_buckets: tuple[int, ...] | None = None  # None: powers of two up to the token budget
@@ -136,7 +137,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size",
-                     "num_pages", "kv_cache_memory_bytes"):
+                     "num_pages", "kv_cache_memory_bytes", "tensor_parallel_size"):
             positive(name)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

@@ -22,6 +22,7 @@ from jaxpaged.request import CompletionOutput, Request, RequestOutput
 from jaxpaged.runner import ModelRunner, device_kv_budget, kv_bytes_per_page
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import ScheduledBatch, Scheduler
+from jaxpaged.sharding import ShardingPlan
 from jaxpaged.step_inputs import MAX_BANNED, build_step_inputs
 
 logger = logging.getLogger("jaxpaged")
@@ -52,10 +53,10 @@ class Engine:
         self.tokenizer = self.source.tokenizer()  # None: no tokenizer, prompts are token ids
         self.generation_defaults = self.source.generation_config()
         self.dtype = resolve_dtype(config.dtype)
-        if config.load_format == "dummy":
-            self.params = random_params(self.model_config, self.dtype, seed=config.seed)
-        else:
-            self.params = load_params(self.model_config, self.source.weights(), self.dtype)
+        self.plan = ShardingPlan.build(self.model_config, config.tensor_parallel_size)
+        for note in self.plan.notes:
+            logger.info("tensor parallelism: %s", note)
+        self.params = self._load_params()
 
         model_len = self.model_config.max_position_embeddings
         self.max_model_len = config.max_model_len or model_len
@@ -74,7 +75,7 @@ class Engine:
             self.model_config, self.params, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, pages_per_seq=self.pages_per_seq,
             max_model_len=self.max_model_len, token_buckets=self.token_buckets,
-            attention_backend=config.attention_backend, kv_dtype=self.dtype)
+            attention_backend=config.attention_backend, kv_dtype=self.dtype, plan=self.plan)
         self.eos_token_ids = self._eos_token_ids()
         self.groups: dict[str, RequestGroup] = {}
         self._rng = np.random.default_rng(config.seed)
@@ -228,11 +229,22 @@ class Engine:
 
     # ---- set-up helpers ----------------------------------------------------------------------
 
+    def _load_params(self) -> dict:
+        if self.config.load_format == "dummy":  # random weights of the real shapes, drawn on device
+            return random_params(self.model_config, self.dtype, seed=self.config.seed,
+                                 plan=self.plan)
+        if self.source.kind == "jaxpaged":  # a `jaxpaged convert` checkpoint: orbax, restored sharded
+            from conversions.orbax_loader import restore_params
+
+            return restore_params(self.source.path, self.model_config, self.dtype, self.plan)
+        return load_params(self.model_config, self.source.weights(), self.dtype, self.plan)
+
     def _num_pages(self) -> int:
         config = self.config
         if config.num_pages:
             return config.num_pages
-        per_page = kv_bytes_per_page(self.model_config, config.page_size, jnp.dtype(self.dtype).itemsize)
+        per_page = kv_bytes_per_page(self.plan.config, config.page_size,
+                                     jnp.dtype(self.dtype).itemsize, config.tensor_parallel_size)
         budget = config.kv_cache_memory_bytes or device_kv_budget(self.params, config.gpu_memory_utilization)
         if budget is None:  # CPU: enough for every sequence at full length, within a fixed budget
             full = config.max_num_seqs * self.pages_per_seq * per_page

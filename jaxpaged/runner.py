@@ -18,8 +18,10 @@ import numpy as np
 from jaxpaged.attention import get_kv_cache_shape, make_attention
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.llama import forward, token_logprobs
+from jaxpaged.models.params import param_shardings
 from jaxpaged.sampler import SampleOutput, sample
 from jaxpaged.sampling_params import MAX_LOGPROBS
+from jaxpaged.sharding import ShardingPlan
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -46,8 +48,11 @@ class CompileCounter:
 class ModelRunner:
     def __init__(self, config: ModelConfig, params: dict, *, num_pages: int, page_size: int,
                  max_num_seqs: int, pages_per_seq: int, max_model_len: int,
-                 token_buckets: tuple[int, ...], attention_backend: str, kv_dtype):
-        self.config = config
+                 token_buckets: tuple[int, ...], attention_backend: str, kv_dtype,
+                 plan: ShardingPlan | None = None):
+        # Under tensor parallelism the forward pass and the caches use the plan's padded config.
+        self.plan = plan or ShardingPlan.build(config)
+        config = self.config = self.plan.config
         self.params = params
         self.max_num_seqs = max_num_seqs
         self.pages_per_seq = pages_per_seq
@@ -55,18 +60,32 @@ class ModelRunner:
         self.token_buckets = token_buckets
         platform = jax.devices()[0].platform
         shape = get_kv_cache_shape(num_pages, page_size, config.num_kv_heads, config.head_dim)
-        self.kv_pages = [jnp.zeros(shape, kv_dtype) for _ in range(config.num_layers)]
+        kv_sharding, rep = self.plan.kv_pages_sharding, self.plan.replicated
+        self.kv_pages = [jnp.zeros(shape, kv_dtype, device=kv_sharding)
+                         for _ in range(config.num_layers)]
         attention = make_attention(attention_backend, platform=platform,
                                    sm_scale=config.head_dim ** -0.5,
                                    sliding_window=config.sliding_window)
         self._forward_programs: dict = {}
         self._sample_programs: dict = {}
-        self._forward = jax.jit(functools.partial(forward, config=config, attention=attention),
-                                donate_argnames=("kv_pages",))
-        self._sample = jax.jit(sample, static_argnames=("apply_penalties", "num_top_logprobs"))
+        # Shardings are fixed here and in `warmup`, so they are part of every program's compile
+        # key: params as declared, caches over KV heads, step inputs and outputs (logits
+        # included) replicated, so sampling runs on replicated logits. (jit refuses in_shardings
+        # beside keyword static args, so the sampler and scorer take theirs from the warmup's
+        # example arguments instead.)
+        params_sharding = param_shardings(self.plan)
+        kv_shardings = [kv_sharding] * config.num_layers
+        self._forward = jax.jit(
+            functools.partial(forward, config=config,
+                              attention=self.plan.shard_attention(attention)),
+            in_shardings=(params_sharding, kv_shardings, rep, rep),
+            out_shardings=(rep, rep, kv_shardings), donate_argnames=("kv_pages",))
+        self._sample = jax.jit(sample, out_shardings=rep,
+                               static_argnames=("apply_penalties", "num_top_logprobs"))
         # Prompt logprobs run on slices of this many hidden rows: one program for every bucket.
         self.prompt_logprob_rows = min(token_buckets)
-        self._token_logprobs = jax.jit(token_logprobs, static_argnames=("num_top",))
+        self._token_logprobs = jax.jit(token_logprobs, out_shardings=rep,
+                                       static_argnames=("num_top",))
         self._token_logprobs_program = None
         self._hidden = None  # [T, D] final-normed states of the last step's tokens
 
@@ -116,14 +135,17 @@ class ModelRunner:
             lowered[("forward", bucket)] = self._forward.lower(
                 self.params, self.kv_pages, inputs.token_ids, inputs.attention)
         num_seqs, vocab = self.max_num_seqs, self.config.vocab_size
-        logits = jax.ShapeDtypeStruct((num_seqs, vocab), jnp.float32)
+        rep = self.plan.replicated
+        logits = jax.ShapeDtypeStruct((num_seqs, vocab), jnp.float32, sharding=rep)
         for apply_penalties in (False, True):
             sampling = self._dummy_inputs(self.token_buckets[0], apply_penalties).sampling
+            sampling = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                                    sampling)
             lowered[("sample", apply_penalties)] = self._sample.lower(
                 logits, sampling, apply_penalties=apply_penalties, num_top_logprobs=MAX_LOGPROBS)
         hidden = jax.ShapeDtypeStruct((self.prompt_logprob_rows, self.config.hidden_size),
-                                      self.params["embed"].dtype)
-        targets = jax.ShapeDtypeStruct((self.prompt_logprob_rows,), jnp.int32)
+                                      self.params["embed"].dtype, sharding=rep)
+        targets = jax.ShapeDtypeStruct((self.prompt_logprob_rows,), jnp.int32, sharding=rep)
         lowered[("token_logprobs",)] = self._token_logprobs.lower(
             self.params, hidden, targets, num_top=MAX_LOGPROBS)
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -139,8 +161,11 @@ class ModelRunner:
                                  history_width=self.history_width(apply_penalties))
 
 
-def kv_bytes_per_page(config: ModelConfig, page_size: int, itemsize: int) -> int:
-    return config.num_layers * page_size * 2 * config.num_kv_heads * config.head_dim * itemsize
+def kv_bytes_per_page(config: ModelConfig, page_size: int, itemsize: int,
+                      tensor_parallel_size: int = 1) -> int:
+    """Bytes one page takes on each device (the cache is split over KV heads)."""
+    heads = config.num_kv_heads // tensor_parallel_size
+    return config.num_layers * page_size * 2 * heads * config.head_dim * itemsize
 
 
 def device_kv_budget(params: dict, utilization: float) -> int | None:

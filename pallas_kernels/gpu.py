@@ -1,27 +1,32 @@
-"""Ragged paged attention for NVIDIA GPUs: a Pallas kernel lowered through Pallas' Triton backend.
+"""Ragged paged attention for NVIDIA GPUs: Pallas kernels lowered through Pallas' Triton backend.
 
 Same contract and cache layout as `pallas_kernels.reference.ragged_paged_attention_reference`:
 one call serves a ragged batch of T query rows (decodes, prefill chunks, padding), first writing
 the new K/V of every real token into its page, then attending causally over each sequence's pages.
 
-First slice, deliberately simple:
-- The K/V write is the reference's XLA scatter (`.at[].set(mode="drop")`), not yet fused.
-- Query tokens are cut, in jnp outside the kernel, into blocks of `q_block_size` rows of ONE
-  sequence; each block carries its metadata (sequence, number of rows, first row's position,
-  KV length). Blocks are padded to a static count; padding blocks have 0 rows and a KV trip
-  count of 0, so they do no KV work.
-- Grid (query block, kv head). For GQA the block's q rows for the kv head's group of q heads are
-  folded into the M dimension of the dots: M = q_block_size * group (token-major).
-- The kernel loops (dynamic trip count up to the block's causal limit, from the sliding window's
-  start) over KV blocks of `pages_per_kv_block` pages; each page's K and V are loaded through the
-  page table with dynamic offsets and folded into a float32 online softmax. Scores beyond the
-  causal limit/length are masked with `jnp.where` and V beyond the length is zeroed, so NaN in
-  recycled pages never reaches an output.
-- The output is written per block into a padded [blocks, Hkv, M, D] buffer and gathered back to
-  tokens in jnp, so padded rows can never clobber other tokens.
-Compiled (Triton) needs power-of-two block dims: M, page_size, head_dim. Dots fall back to a
-broadcast-multiply-sum when a dim is below 16 (Triton's minimum dot size), e.g. decode with one
-token per block and a small group.
+Three kernels per call:
+- KV write: one program per (token, kv head) stores the token's K and V rows into its page. The
+  cache is aliased input -> output (`input_output_aliases`), so under a donating jit it is
+  updated in place; padding tokens store nothing.
+- Decode (`gpu_decode.py`): sequences with one query token, split-KV (flash-decoding).
+- Prefill: sequences with several query tokens, cut into blocks of `q_block_size` rows of ONE
+  sequence. Grid (query block, kv head); the block's rows for the kv head's group of q heads are
+  folded into the M dimension (M = q_block_size * group_pad, token-major), with the group padded
+  to a power of two (SmolLM2's group of 3 becomes 4: the extra row is computed and dropped). Each
+  program loops over KV blocks of `pages_per_kv_block` pages up to its causal limit, starting at
+  the sliding window. Padding blocks have 0 rows and no KV work.
+Both attention kernels read q from one padded layout [Hkv, rows, D] (row = token * group_pad + g)
+so no per-block copy of q is made; outputs are stored with row masks, so a block's spare rows
+never clobber another sequence's tokens. Scores beyond the causal limit are masked with
+`jnp.where` and V beyond the length is zeroed, so NaN in recycled pages never reaches an output.
+
+Compiled (Triton) needs power-of-two block dims (page_size >= 16, head_dim); dots fall back to a
+broadcast-multiply-sum when a prefill tile dim is below 16. In interpret mode (CPU) any size runs.
+On the H100 (benchmarks/results/gpu_kernel_bench_h100.md) decode reaches 93-101% of the copy
+bandwidth for batch x context >= 32 x 32k / 128 x 8k; smaller ops are dominated by a fixed cost of
+~0.12 ms outside the kernel bodies. Pallas-Triton is the default because it is the only GPU
+approach measured so far: the second one the issue asks for (jax_triton or Mosaic GPU) is not
+written yet.
 """
 
 import functools
@@ -32,11 +37,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.reference import _token_layout, _validate, _write_new_kv
+from pallas_kernels.gpu_decode import decode_attention, decode_rows, num_splits_for
+from pallas_kernels.reference import _token_layout, _validate
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def compiled_supports(page_size: int, head_dim: int) -> bool:
+    """Whether the compiled (Triton) kernel takes this cache geometry."""
+    return page_size >= 16 and page_size == _next_pow2(page_size) and head_dim == _next_pow2(head_dim)
 
 
 def _validate_blocks(q, kv_pages, q_block_size, pages_per_kv_block, interpret) -> None:
@@ -44,12 +55,48 @@ def _validate_blocks(q, kv_pages, q_block_size, pages_per_kv_block, interpret) -
         raise ValueError(f"q_block_size={q_block_size} and pages_per_kv_block={pages_per_kv_block} must be >= 1")
     if interpret:
         return
-    group = q.shape[1] // (kv_pages.shape[2] // 2)
-    dims = dict(rows=q_block_size * group, page_size=kv_pages.shape[1], head_dim=q.shape[2])
-    bad = {name: n for name, n in dims.items() if not _is_pow2(n)}
-    if bad:
-        raise ValueError(f"the Triton lowering needs power-of-two block dims, got {bad}")
+    page_size, head_dim = kv_pages.shape[1], q.shape[2]
+    bad = {name: n for name, n in dict(q_block_size=q_block_size, page_size=page_size, head_dim=head_dim).items()
+           if n != _next_pow2(n)}
+    if bad or not compiled_supports(page_size, head_dim):
+        raise ValueError(f"the Triton lowering needs power-of-two block dims and page_size >= 16, got "
+                         f"page_size={page_size}, head_dim={head_dim}, q_block_size={q_block_size}")
 
+
+# ---- KV write -------------------------------------------------------------------------------
+
+def _write_kernel(dest_ref, k_ref, v_ref, kv_in_ref, kv_ref):
+    del kv_in_ref  # the same buffer as kv_ref (aliased)
+    t, h = pl.program_id(0), pl.program_id(1)
+    page, row = dest_ref[t, 0], dest_ref[t, 1]
+
+    @pl.when(page >= 0)
+    def _():
+        kv_ref[page, row, 2 * h, :] = k_ref[t, h, :].astype(kv_ref.dtype)
+        kv_ref[page, row, 2 * h + 1, :] = v_ref[t, h, :].astype(kv_ref.dtype)
+
+
+def _write_new_kv(kv_pages, k, v, page_indices, tok_seq, tok_pos, tok_valid, interpret):
+    page_size = kv_pages.shape[1]
+    pages_per_seq = page_indices.shape[1]
+    slot = jnp.clip(tok_pos // page_size, 0, pages_per_seq - 1)  # [T]
+    page = jnp.where(tok_valid, page_indices[tok_seq, slot], -1)  # [T] -1: padding, no write
+    dest = jnp.stack([page, tok_pos % page_size], axis=1).astype(jnp.int32)  # [T, 2]
+    whole = pl.BlockSpec()
+    return pl.pallas_call(
+        _write_kernel,
+        grid=(k.shape[0], k.shape[1]),
+        in_specs=[whole, whole, whole, whole],
+        out_specs=whole,
+        out_shape=jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype),
+        input_output_aliases={3: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret,
+        name="ragged_paged_attention_gpu_kv_write",
+    )(dest, k, v, kv_pages)
+
+
+# ---- prefill --------------------------------------------------------------------------------
 
 def _mm(a, b, *, trans_b: bool, exact: bool):
     """a [M, K] @ b ([N, K] if trans_b else [K, N]) -> [M, N] float32."""
@@ -59,32 +106,31 @@ def _mm(a, b, *, trans_b: bool, exact: bool):
     return jnp.sum(a[:, None, :].astype(jnp.float32) * b[None, :, :].astype(jnp.float32), axis=-1)
 
 
-def _block_metadata(cu, q_lens, kv_lens, num_seqs, num_tokens, bq, num_blocks):
-    """Per query block: (seq, first token, rows, first row's position, kv_len); per token: its
-    block and row. Padding blocks have 0 rows."""
+def _prefill_metadata(cu, q_lens, kv_lens, num_seqs, num_tokens, bq, num_blocks):
+    """Per query block of a prefill sequence: (seq, first token, rows, first row's position,
+    kv_len). Padding blocks have 0 rows."""
     num_seqs_max = kv_lens.shape[0]
-    real = jnp.arange(num_seqs_max) < num_seqs[0]  # [S]
-    blocks = jnp.where(real, -(-q_lens // bq), 0)  # [S]
+    is_prefill = (jnp.arange(num_seqs_max) < num_seqs[0]) & (q_lens > 1)  # [S]
+    blocks = jnp.where(is_prefill, -(-q_lens // bq), 0)  # [S]
     cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks).astype(jnp.int32)])  # [S+1]
     b = jnp.arange(num_blocks, dtype=jnp.int32)  # [NB]
-    seq = jnp.clip(jnp.searchsorted(cu_blocks, b, side="right") - 1, 0, num_seqs_max - 1)  # [NB]
+    seq = jnp.clip(jnp.searchsorted(cu_blocks, b, side="right", method="compare_all") - 1, 0, num_seqs_max - 1)  # [NB]
     first = (b - cu_blocks[seq]) * bq  # [NB] first row among the sequence's queries
     rows = jnp.where(b < cu_blocks[-1], jnp.clip(q_lens[seq] - first, 0, bq), 0)  # [NB]
+    start = jnp.where(rows > 0, cu[seq] + first, 0)  # [NB]
     pos0 = kv_lens[seq] - q_lens[seq] + first  # [NB]
-    meta = jnp.stack([seq, rows, pos0, jnp.where(rows > 0, kv_lens[seq], 0)], axis=1)  # [NB, 4]
-    start = cu[seq] + first  # [NB] first token
-    # Token -> (block, row): block rows beyond `rows` point at a dummy token T (dropped).
-    tok = jnp.where(jnp.arange(bq)[None, :] < rows[:, None], start[:, None] + jnp.arange(bq), num_tokens)  # [NB, bq]
-    return meta.astype(jnp.int32), tok
+    meta = jnp.stack([seq, start, rows, pos0, jnp.where(rows > 0, kv_lens[seq], 0)], axis=1)  # [NB, 5]
+    return meta.astype(jnp.int32), is_prefill
 
 
-def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, sliding_window, soft_cap,
-            group, page_size, pages_per_seq, pages_per_kv_block, exact):
+def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, sliding_window, soft_cap,
+                    group_pad, bq, page_size, pages_per_seq, pages_per_kv_block, exact):
     b, h = pl.program_id(0), pl.program_id(1)
-    seq, rows, pos0, kv_len = meta_ref[b, 0], meta_ref[b, 1], meta_ref[b, 2], meta_ref[b, 3]
-    m_rows, head_dim = q_ref.shape
-    q = q_ref[...]  # [M, D]
-    r = lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0) // group  # [M, 1] token row of each M row
+    seq, start, rows, pos0, kv_len = (meta_ref[b, i] for i in range(5))
+    m_rows = bq * group_pad
+    q = q_ref[h, pl.ds(start * group_pad, m_rows), :]  # [M, D]
+    head_dim = q.shape[-1]
+    r = lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0) // group_pad  # [M, 1] token row of each M row
     q_pos = pos0 + r  # [M, 1]
     row_ok = r < rows  # [M, 1]
     chunk = page_size * pages_per_kv_block
@@ -122,7 +168,15 @@ def _kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, sliding_wind
     stats = (jnp.full((m_rows,), -jnp.inf, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
              jnp.zeros((m_rows, head_dim), jnp.float32))
     _, l, acc = lax.fori_loop(first_chunk, num_chunks, chunk_body, stats)
-    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+    out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+    # Rows past the block's end belong to other tokens: masked, never stored.
+    plgpu.store(o_ref.at[h, pl.ds(start * group_pad, m_rows), :], out,
+             mask=jnp.broadcast_to(row_ok, (m_rows, head_dim)))
+
+
+# ---- the public op --------------------------------------------------------------------------
+
+DECODE_DEFAULTS = dict(pages_per_iter=None, num_splits=None, num_warps=4, num_stages=3)
 
 
 @jax.named_scope("ragged_paged_attention_gpu")
@@ -143,52 +197,76 @@ def ragged_paged_attention_gpu(
     pages_per_kv_block: int = 4,
     num_warps: int = 4,
     num_stages: int = 1,
+    decode: dict | None = None,
     interpret: bool = False,
 ):
     """Writes k/v into kv_pages, then attends; returns (out [T, Hq, D] in q.dtype, new kv_pages).
 
     Same contract as the reference; the keyword arguments are static (jit-compatible as a plain
-    function). Use q_block_size=1 for decode-only batches (one token per block).
+    function; donate kv_pages to update it in place). q_block_size / pages_per_kv_block /
+    num_warps / num_stages tune the prefill kernel; `decode` (keys of DECODE_DEFAULTS) the decode
+    kernel: pages_per_iter (None: 128 keys per iteration) and num_splits (None: from the grid).
     """
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     _validate_blocks(q, kv_pages, q_block_size, pages_per_kv_block, interpret)
+    dec = {**DECODE_DEFAULTS, **(decode or {})}
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
-    num_kv_heads, group = two_hkv // 2, num_q_heads // (two_hkv // 2)
+    num_kv_heads = two_hkv // 2
+    group = num_q_heads // num_kv_heads
+    group_pad = _next_pow2(group)
     num_seqs_max, pages_per_seq = page_indices.shape
     bq = q_block_size
-    m_rows = bq * group
-    # Each sequence wastes at most one partial block.
-    num_blocks = -(-num_tokens // bq) + min(num_seqs_max, num_tokens)
 
     cu, q_lens, tok_seq, _, tok_pos, tok_valid = _token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
-    kv_pages = _write_new_kv(kv_pages, k, v, page_indices, tok_seq, tok_pos, tok_valid)
-    meta, tok = _block_metadata(cu, q_lens, kv_lens, num_seqs, num_tokens, bq, num_blocks)
-
-    q_pad = jnp.pad(q, ((0, 1), (0, 0), (0, 0)))  # [T+1, Hq, D] row T is the dummy token
-    qb = q_pad[tok].reshape(num_blocks, bq, num_kv_heads, group, head_dim)  # [NB, bq, Hkv, G, D]
-    qb = qb.transpose(0, 2, 1, 3, 4).reshape(num_blocks, num_kv_heads, m_rows, head_dim)  # [NB, Hkv, M, D]
+    kv_pages = _write_new_kv(kv_pages, k, v, page_indices, tok_seq, tok_pos, tok_valid, interpret)
     pages_flat = jnp.clip(page_indices, 0, num_pages - 1).reshape(-1).astype(jnp.int32)  # [S*pages_per_seq]
 
+    # q as [Hkv, rows, D], row = token * group_pad + g; spare tokens keep every tile in bounds.
+    spare = max(bq, -(-decode_rows(group_pad) // group_pad))
+    qh = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    qh = jnp.pad(qh, ((0, spare), (0, 0), (0, group_pad - group), (0, 0)))  # [T+spare, Hkv, Gp, D]
+    qh = qh.transpose(1, 0, 2, 3).reshape(num_kv_heads, (num_tokens + spare) * group_pad, head_dim)
+
+    # Prefill sequences (q_len > 1). Each wastes at most one partial block; each has >= 2 tokens.
+    num_blocks = -(-num_tokens // bq) + min(num_seqs_max, num_tokens // 2)
+    meta, is_prefill = _prefill_metadata(cu, q_lens, kv_lens, num_seqs, num_tokens, bq, num_blocks)
     kernel = functools.partial(
-        _kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, group=group,
-        page_size=page_size, pages_per_seq=pages_per_seq, pages_per_kv_block=pages_per_kv_block,
-        exact=q.dtype == jnp.float32)
-    whole = pl.BlockSpec()  # the whole array; the kernel indexes it itself
-    block = pl.BlockSpec((None, None, m_rows, head_dim), lambda b, h: (b, h, 0, 0))
-    out_b = pl.pallas_call(
+        _prefill_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        group_pad=group_pad, bq=bq, page_size=page_size, pages_per_seq=pages_per_seq,
+        pages_per_kv_block=pages_per_kv_block, exact=q.dtype == jnp.float32)
+    whole = pl.BlockSpec()
+    out_p = pl.pallas_call(
         kernel,
-        grid=(num_blocks, num_kv_heads),
-        in_specs=[whole, whole, block, whole],
-        out_specs=block,
-        out_shape=jax.ShapeDtypeStruct((num_blocks, num_kv_heads, m_rows, head_dim), q.dtype),
+        grid=(max(num_blocks, 1), num_kv_heads),
+        in_specs=[whole, whole, whole, whole],
+        out_specs=whole,
+        out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="ragged_paged_attention_gpu",
-    )(meta, pages_flat, qb, kv_pages)  # [NB, Hkv, M, D]
+        name="ragged_paged_attention_gpu_prefill",
+    )(meta, pages_flat, qh, kv_pages)  # [Hkv, rows, D], only prefill tokens' rows written
+    out_p = out_p[:, : num_tokens * group_pad].reshape(num_kv_heads, num_tokens, group_pad, head_dim)
+    out_p = out_p.transpose(1, 0, 2, 3)[:, :, :group].reshape(num_tokens, num_q_heads, head_dim)
+    prefill_tok = tok_valid & is_prefill[tok_seq]  # [T]
+    out = jnp.where(prefill_tok[:, None, None], out_p, jnp.zeros_like(out_p))  # others: unwritten
 
-    # Back to tokens: scatter each block row to its token (dummy rows to T, dropped).
-    out_b = out_b.reshape(num_blocks, num_kv_heads, bq, group, head_dim).transpose(0, 2, 1, 3, 4)
-    out_b = out_b.reshape(num_blocks * bq, num_q_heads, head_dim)  # [NB*bq, Hq, D]
-    out = jnp.zeros((num_tokens, num_q_heads, head_dim), q.dtype).at[tok.reshape(-1)].set(out_b, mode="drop")
-    return out, kv_pages
+    # Decode sequences (q_len == 1): slot i is the i-th of them.
+    slots = min(num_seqs_max, num_tokens)
+    seq_ids = jnp.arange(num_seqs_max, dtype=jnp.int32)
+    is_decode = (q_lens == 1) & (seq_ids < num_seqs[0])  # [S]
+    rank = jnp.where(is_decode, jnp.cumsum(is_decode) - 1, slots)  # [S]
+    slot_seq = jnp.zeros(slots, jnp.int32).at[rank].set(seq_ids, mode="drop")  # [slots]
+    slot_valid = jnp.arange(slots) < jnp.sum(is_decode)
+    slot_tok = jnp.where(slot_valid, cu[slot_seq], num_tokens)  # [slots] T: dropped below
+    slot_meta = jnp.stack([slot_seq, jnp.minimum(slot_tok, num_tokens - 1),
+                           jnp.where(slot_valid, kv_lens[slot_seq], 0)], axis=1).astype(jnp.int32)  # [slots, 3]
+    pages_per_iter = dec["pages_per_iter"] or max(1, min(128 // page_size, pages_per_seq))
+    num_splits = dec["num_splits"] or num_splits_for(slots, num_kv_heads, pages_per_seq, pages_per_iter)
+    res = decode_attention(
+        qh, kv_pages, pages_flat, slot_meta, num_slots=slots, pages_per_seq=pages_per_seq,
+        group_pad=group_pad, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        pages_per_iter=pages_per_iter, num_splits=num_splits, num_warps=dec["num_warps"],
+        num_stages=dec["num_stages"], interpret=interpret)  # [slots, Hkv, Gp, D] float32
+    res = res[:, :, :group].reshape(slots, num_q_heads, head_dim).astype(q.dtype)
+    return out.at[slot_tok].set(res, mode="drop"), kv_pages

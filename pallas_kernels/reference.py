@@ -52,7 +52,9 @@ def _token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens):
     q_lens = cu[1:] - cu[:-1]  # [S]
     t = jnp.arange(num_tokens, dtype=jnp.int32)  # [T]
     # side="right" skips sequences with q_len 0 (they share their start offset with the next one).
-    seq = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, num_seqs_max - 1)  # [T]
+    # compare_all: one [T, S+1] comparison, no while loop (on GPU a loop's every iteration can
+    # wait on the host for its condition).
+    seq = jnp.clip(jnp.searchsorted(cu, t, side="right", method="compare_all") - 1, 0, num_seqs_max - 1)  # [T]
     valid = t < cu[n]  # [T]
     j = t - cu[seq]  # [T] index among the sequence's queries
     pos = kv_lens[seq] - q_lens[seq] + j  # [T]

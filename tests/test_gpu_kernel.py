@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import jax
@@ -11,6 +12,9 @@ import pytest
 
 from pallas_kernels import get_kv_cache_shape, ragged_paged_attention_reference
 from pallas_kernels.gpu import ragged_paged_attention_gpu
+from pallas_kernels.reference import ragged_paged_attention_reference_jit
+from test_reference_attention import F32, oracle, scenario
+from test_reference_attention import make_batch as ref_make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,38 +49,71 @@ def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4
     args = make_batch(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       page_size=page_size, dtype=dtype, pad_tokens=kw.pop("pad_tokens", 0),
                       pad_seqs=kw.pop("pad_seqs", 0))
+    decode = kw.pop("decode", None)
     static = dict(sm_scale=head_dim**-0.5, **kw)
     want, want_kv = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **static))(*args)
     got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(
-        *a, q_block_size=q_block_size, pages_per_kv_block=pages_per_kv_block, interpret=interpret, **static))(*args)
+        *a, q_block_size=q_block_size, pages_per_kv_block=pages_per_kv_block, decode=decode, interpret=interpret,
+        **static))(*args)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=atol, rtol=atol)
     np.testing.assert_array_equal(np.asarray(got_kv, np.float32), np.asarray(want_kv, np.float32))
 
 
-# (q_len, kv_len) lists
-DECODE = [(1, 5), (1, 17), (1, 1)]
-PREFILL = [(7, 7), (9, 20)]
-MIXED = [(1, 12), (0, 9), (6, 6), (1, 3), (5, 19)]
+# ---- interpret mode (CPU) against the float64 oracle and the reference's cache, NaN-filled batches ----
 
-CPU_CASES = [
-    dict(seqs=DECODE, q_block_size=1),
-    dict(seqs=PREFILL),
-    dict(seqs=MIXED, pad_tokens=3, pad_seqs=2),
-    dict(seqs=MIXED, page_size=16, num_q_heads=2, num_kv_heads=2, pages_per_kv_block=1),
-    dict(seqs=PREFILL, sliding_window=5),
-    dict(seqs=MIXED, soft_cap=5.0, pad_tokens=2),
+# page_size, head_dim, num_q_heads, num_kv_heads, sliding_window, soft_cap, kv_chunk_size (unused),
+# q_block_size, dtype: the tuple of test_reference_attention.CONFIGS, plus kernel options.
+INTERPRET_CASES = [
+    ("decode", (16, 64, 2, 2, None, None, 0, 4, F32), dict(decode=dict(num_splits=1))),  # GQA 1
+    ("prefill", (32, 64, 9, 3, 7, None, 0, 4, F32), dict(pages_per_kv_block=2)),  # GQA 3 padded to 4, window
+    ("mixed", (16, 128, 4, 1, None, 2.0, 0, 8, F32), dict(decode=dict(num_splits=3, pages_per_iter=2))),  # GQA 4, cap
+    ("mixed", (64, 64, 16, 2, 40, 3.0, 0, 4, F32), {}),  # GQA 8, window + cap, split by default
+    ("mixed", (128, 256, 6, 2, None, None, 0, 2, F32), dict(decode=dict(num_splits=2, pages_per_iter=1))),  # head_dim 256
+    ("decode", (16, 64, 12, 4, 20, None, 0, 4, F32), dict(decode=dict(num_splits=4, pages_per_iter=1))),  # splits + window
 ]
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k != "seqs"))
-def test_interpret_matches_reference(case):
-    check_against_reference(interpret=True, **case)
+def case_id(case):
+    name, c, opts = case
+    return f"{name}-ps{c[0]}-d{c[1]}-h{c[2]}x{c[3]}-w{c[4]}-cap{c[5]}-q{c[7]}-{len(opts)}opts"
 
 
-def test_interpret_head_dim_128():
-    check_against_reference(interpret=True, seqs=[(1, 9), (3, 10)], head_dim=128, num_q_heads=2, num_kv_heads=2)
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=case_id)
+def test_interpret_matches_oracle(case):
+    name, config, opts = case
+    page_size, head_dim, hq, hkv, window, cap, _, bq, dtype = config
+    rng = np.random.default_rng(zlib.crc32(case_id(case).encode()))
+    seqs = scenario(name, min(page_size, 16))  # lengths at and across page boundaries
+    seqs += [(1, page_size), (1, page_size + 1)] if name != "prefill" else [(page_size, page_size + 1)]
+    rng.shuffle(seqs)
+    args = ref_make_batch(rng, seqs, page_size=page_size, num_q_heads=hq, num_kv_heads=hkv, head_dim=head_dim,
+                          dtype=dtype)
+    static = dict(sm_scale=head_dim**-0.5, sliding_window=window, soft_cap=cap)
+    got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(*a, q_block_size=bq, interpret=True, **opts, **static))(*args)
+    _, want_kv = ragged_paged_attention_reference_jit(*args, **static)
+    want, _ = oracle(*args, **static)
+    got = np.asarray(got)
+    assert np.isfinite(got).all()  # padding tokens' q/k/v and every unused slot are NaN
+    n = args[6][args[7][0]]  # real tokens; padding tokens' outputs are zeros
+    np.testing.assert_allclose(got[:n], want[:n], atol=1e-5, rtol=1e-5)
+    assert not got[n:].any()
+    # Bitwise: the written slots hold the new k/v; every other slot (NaN included) is untouched.
+    np.testing.assert_array_equal(np.asarray(got_kv).view(np.uint32), np.asarray(want_kv).view(np.uint32))
+
+
+def test_interpret_all_padding():
+    # num_seqs == 0: every token is padding (NaN q/k/v); outputs are zeros, the cache untouched.
+    rng = np.random.default_rng(7)
+    config = dict(page_size=16, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=F32)
+    for seqs in ([],):
+        args = ref_make_batch(rng, seqs, **config)
+        got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(*a, sm_scale=0.125, q_block_size=4, interpret=True))(*args)
+        want, want_kv = oracle(*args, sm_scale=0.125, sliding_window=None, soft_cap=None)
+        assert np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(np.asarray(got), np.nan_to_num(want), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(got_kv).view(np.uint32), want_kv.view(np.uint32))
 
 
 def test_bench_smoke():
@@ -96,15 +133,16 @@ GPU_SEQS = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)])
 @pytest.mark.parametrize("seqs", GPU_SEQS)
-@pytest.mark.parametrize("page_size,heads", [(16, (32, 8)), (16, (8, 8)), (32, (16, 4))])
-def test_compiled_matches_reference(dtype, atol, seqs, page_size, heads):
+@pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (64, (9, 3), 64), (128, (16, 4), 128)])
+def test_compiled_matches_reference(dtype, atol, seqs, page_size, heads, head_dim):
     check_against_reference(seqs, interpret=False, dtype=dtype, atol=atol, num_q_heads=heads[0], num_kv_heads=heads[1],
-          head_dim=128, page_size=page_size, q_block_size=16, pages_per_kv_block=4, pad_tokens=5, pad_seqs=1)
+          head_dim=head_dim, page_size=page_size, q_block_size=16, pages_per_kv_block=2, pad_tokens=5, pad_seqs=1)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kw", [dict(sliding_window=100), dict(soft_cap=30.0), dict(q_block_size=1)])
+@pytest.mark.parametrize("kw", [dict(sliding_window=100), dict(soft_cap=30.0), dict(head_dim=256, page_size=32),
+                                dict(decode=dict(num_splits=5, pages_per_iter=2), seqs=GPU_SEQS[0])])
 def test_compiled_options(kw):
-    check_against_reference(GPU_SEQS[2] if "q_block_size" not in kw else GPU_SEQS[0], interpret=False, dtype=jnp.bfloat16,
-          atol=3e-2, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
-          **{"q_block_size": 16, **kw})
+    kw = {"seqs": GPU_SEQS[2], "head_dim": 128, "page_size": 16, **kw}
+    check_against_reference(interpret=False, dtype=jnp.bfloat16, atol=3e-2, num_q_heads=32, num_kv_heads=8,
+                            q_block_size=16, **kw)

@@ -1,12 +1,12 @@
 """Parameter declarations and loading.
 
 Every leaf is declared once — shape, logical axes, and the Hugging Face tensor it comes from —
-and loading, random init and (later) sharding all derive from that declaration. Params are plain
+and loading, random init and sharding all derive from that declaration (the logical axes go
+through the rules table in `jaxpaged.sharding`). Params are plain
 pytrees: {"embed", "layers": [dict per layer], "final_norm", optional "lm_head"}. Linear weights
 are stored [in, out] so the forward pass reads `x @ w`; HF stores [out, in], so they load transposed.
 """
 
-import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.config import ModelConfig
+from jaxpaged.sharding import ShardingPlan
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,21 @@ def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def load_params(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], dtype) -> dict:
+def param_shardings(plan: ShardingPlan) -> dict:
+    """The NamedSharding of every leaf, from its logical axes (over the plan's padded shapes)."""
+    return jax.tree.map(lambda spec: plan.sharding(spec.logical_axes), param_specs(plan.config),
+                        is_leaf=_is_spec)
+
+
+def load_params(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], dtype,
+                plan: ShardingPlan | None = None) -> dict:
     """Builds the params pytree from (HF name, array) pairs, checking every shape.
 
-    Tensors the model does not use (e.g. rotary caches, a tied lm_head copy) are skipped.
+    Tensors the model does not use (e.g. rotary caches, a tied lm_head copy) are skipped. Each
+    tensor is padded to the plan's layout on the host and placed one slice per device (no plan:
+    one device).
     """
+    plan = plan or ShardingPlan.build(config)
     specs = param_specs(config)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
     by_name = {spec.hf_name: i for i, spec in enumerate(leaves)}
@@ -92,8 +103,7 @@ def load_params(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], 
                 f"tensor {name} has shape {array.shape[::-1] if spec.transpose else array.shape}, "
                 f"expected {spec.shape[::-1] if spec.transpose else spec.shape} from the config"
             )
-        loaded[i] = jnp.asarray(array.astype(np.float32) if array.dtype == np.float16 else array,
-                                dtype=dtype)
+        loaded[i] = plan.put(plan.pad(array, spec.logical_axes), spec.logical_axes, dtype)
     missing = [leaves[i].hf_name for i, value in enumerate(loaded) if value is None]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -101,24 +111,29 @@ def load_params(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], 
     return jax.tree.unflatten(treedef, loaded)
 
 
-def random_params(config: ModelConfig, dtype, seed: int = 0) -> dict:
-    """Random weights of the right shapes (vLLM's load_format="dummy": benchmarks without downloads).
+def random_params(config: ModelConfig, dtype, seed: int = 0, plan: ShardingPlan | None = None) -> dict:
+    """Random weights of the right shapes (for benchmarks without downloads).
 
-    Every leaf is drawn on the default device by a small jitted program (one per distinct shape),
-    so an 8B model never passes through host memory. Norm scales are ones, everything else
-    N(0, 0.02), which keeps activations finite through deep stacks in bfloat16.
+    Each leaf is drawn inside a jit whose output is already sharded, so no device holds a whole
+    sharded tensor. Random bits are partitionable (jax_threefry_partitionable), so the values do
+    not depend on the plan: TP=1 and TP=2 get the same model.
     """
+    plan = plan or ShardingPlan.build(config)
     specs = param_specs(config)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    values = [_random_leaf(key, shape=spec.shape, dtype=jnp.dtype(dtype),
-                           ones=len(spec.shape) == 1 and spec.hf_name.endswith("norm.weight"))
-              for key, spec in zip(keys, leaves)]
+    programs: dict = {}  # one compiled draw per distinct leaf kind (layers repeat them)
+    values = []
+    for key, spec in zip(keys, leaves):
+        norm = len(spec.shape) == 1 and spec.hf_name.endswith("norm.weight")
+        kind = (spec.shape, spec.logical_axes, norm)
+        if kind not in programs:
+            def draw(key, spec=spec, norm=norm):
+                value = (jnp.ones(spec.shape, jnp.float32) if norm
+                         else 0.02 * jax.random.normal(key, spec.shape, jnp.float32))
+                return plan.pad(value.astype(dtype), spec.logical_axes, xp=jnp)
+
+            programs[kind] = jax.jit(draw, out_shardings=plan.sharding(spec.logical_axes))
+        values.append(programs[kind](key))
     return jax.tree.unflatten(treedef, values)
 
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "ones"))
-def _random_leaf(key, *, shape: tuple[int, ...], dtype, ones: bool) -> jax.Array:
-    if ones:
-        return jnp.ones(shape, dtype)
-    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)

@@ -22,14 +22,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import jaxpaged
-from jaxpaged.prompts import encode_prompts, render_chat
+from jaxpaged.prompts import encode_prompts
 from jaxpaged.server import responses as fmt
 from jaxpaged.server.async_engine import (AsyncEngine, EngineError, EngineOverloaded,
                                           EngineUnavailable)
 from jaxpaged.server.fingerprint import system_fingerprint
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.protocol import (APIError, ServedModel, parse_chat, parse_completion,
-                                      parse_detokenize, parse_json, parse_tokenize)
+                                      parse_detokenize, parse_json, parse_tokenize,
+                                      render_messages)
 
 logger = logging.getLogger("jaxpaged.server")
 
@@ -264,33 +265,12 @@ class OpenAIServer:
         streams = await self._submit(request_id, token_lists, texts, body.params, arrival,
                                      body.cache_salt)
         envelope = self._envelope("text_completion", request_id, model)
-        n, k = body.params.n, body.params.logprobs
         num_prompt_tokens = sum(map(len, token_lists))
         if body.stream:
             return EventStream(self._events(self._stream_completion(
                 streams, envelope, body, texts, num_prompt_tokens)))
         finals = await run_until_disconnect(request.receive, self._final_outputs(streams))
-        choices, num_generated = [], 0
-        for p, output in enumerate(finals):
-            prefix = texts[p] if body.echo else ""
-            for c in output.outputs:
-                # max_tokens=0: the engine generated one token to get there; it is not returned.
-                token_ids, entries, text, finish, stop_reason = (
-                    ([], [], "", "length", None) if body.prompt_only
-                    else (c.token_ids, c.logprobs, c.text, c.finish_reason, c.stop_reason))
-                logprobs = None
-                if k is not None:
-                    logprobs, _ = fmt.completion_logprobs(entries, token_ids, k, self.token_text,
-                                                          len(prefix))
-                    if body.echo:  # prompt tokens first, offsets counted from the prompt's start
-                        echoed, _ = fmt.completion_logprobs(output.prompt_logprobs,
-                                                            output.prompt_token_ids, k,
-                                                            self.token_text, 0)
-                        logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
-                choices.append({"index": p * n + c.index, "text": prefix + text,
-                                "logprobs": logprobs, "finish_reason": finish,
-                                "stop_reason": stop_reason})
-                num_generated += len(token_ids)
+        choices, num_generated = fmt.completion_choices(finals, texts, body, self.token_text)
         return JSONResponse({**envelope, "choices": choices,
                              "usage": fmt.usage(num_prompt_tokens, num_generated)})
 
@@ -335,7 +315,7 @@ class OpenAIServer:
     async def chat_completions(self, request: Request):
         arrival = time.monotonic()
         body = parse_chat(await self._json(request), self.served)
-        token_ids, text = self._render(body.messages, body.add_generation_prompt)
+        token_ids, text = render_messages(self.tokenizer, body.messages, body.add_generation_prompt)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = body.model
         streams = await self._submit(request_id, [token_ids], [text], body.params, arrival,
@@ -346,23 +326,9 @@ class OpenAIServer:
             return EventStream(self._events(self._stream_chat(
                 streams, envelope, body, len(token_ids))))
         (output,) = await run_until_disconnect(request.receive, self._final_outputs(streams))
-        choices = [{
-            "index": c.index, "message": {"role": "assistant", "content": c.text},
-            "logprobs": self._chat_logprobs(body, c.logprobs, c.token_ids),
-            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-        } for c in output.outputs]
-        num_generated = sum(len(c.token_ids) for c in output.outputs)
+        choices, num_generated = fmt.chat_choices(output, body.top_logprobs, self.token_text)
         return JSONResponse({**envelope, "choices": choices,
                              "usage": fmt.usage(len(token_ids), num_generated)})
-
-    def _render(self, messages, add_generation_prompt: bool):
-        try:
-            return render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
-        except ValueError:
-            raise
-        except Exception as error:  # jinja errors from the template (e.g. role order rules)
-            raise APIError(f"the chat template could not render these messages: {error}",
-                           param="messages") from None
 
     def _chat_logprobs(self, body, entries, token_ids):
         if body.top_logprobs is None:
@@ -406,7 +372,7 @@ class OpenAIServer:
     async def tokenize(self, request: Request):
         body = parse_tokenize(await self._json(request), self.served)
         if "messages" in body:
-            tokens, _ = self._render(body["messages"], body["add_generation_prompt"])
+            tokens, _ = render_messages(self.tokenizer, body["messages"], body["add_generation_prompt"])
         else:
             tokens = self.tokenizer(body["prompt"],
                                     add_special_tokens=body["add_special_tokens"]).input_ids

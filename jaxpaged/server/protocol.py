@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from jaxpaged.prompts import is_token_ids, sampling_defaults
+from jaxpaged.prompts import is_token_ids, render_chat, sampling_defaults
 from jaxpaged.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # sequences one request may ask for (prompts × n)
@@ -204,6 +204,17 @@ def parse_chat(data: dict, model: ServedModel) -> ChatRequest:
     stream, include_usage = _stream_flags(fields)
     return ChatRequest(name, messages, fields.get("add_generation_prompt", "bool", True), params, top,
                        stream, include_usage, fields.get("cache_salt", "str"))
+
+
+def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool):
+    """The chat template over validated messages: (token ids, text); template errors → 400."""
+    try:
+        return render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    except ValueError:
+        raise
+    except Exception as error:  # jinja errors from the template (e.g. role order rules)
+        raise APIError(f"the chat template could not render these messages: {error}",
+                       param="messages") from None
 
 
 def _message(message, index: int) -> dict:

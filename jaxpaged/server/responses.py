@@ -67,6 +67,45 @@ def chat_logprobs(entries, token_ids, k: int, token_text: TokenText) -> dict:
         for token, entry in zip(token_ids, entries)]}
 
 
+def completion_choices(finals, texts, body, token_text: TokenText) -> tuple[list[dict], int]:
+    """Choices of a whole (non-streamed) /v1/completions response, and the tokens generated.
+
+    `finals` holds one finished RequestOutput per prompt, `texts` the prompt texts (for echo),
+    `body` the parsed CompletionRequest.
+    """
+    n, k = body.params.n, body.params.logprobs
+    choices, num_generated = [], 0
+    for p, output in enumerate(finals):
+        prefix = texts[p] if body.echo else ""
+        for c in output.outputs:
+            # max_tokens=0: the engine generated one token to get there; it is not returned.
+            token_ids, entries, text, finish, stop_reason = (
+                ([], [], "", "length", None) if body.prompt_only
+                else (c.token_ids, c.logprobs, c.text, c.finish_reason, c.stop_reason))
+            logprobs = None
+            if k is not None:
+                logprobs, _ = completion_logprobs(entries, token_ids, k, token_text, len(prefix))
+                if body.echo:  # prompt tokens first, offsets counted from the prompt's start
+                    echoed, _ = completion_logprobs(output.prompt_logprobs,
+                                                    output.prompt_token_ids, k, token_text, 0)
+                    logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
+            choices.append({"index": p * n + c.index, "text": prefix + text, "logprobs": logprobs,
+                            "finish_reason": finish, "stop_reason": stop_reason})
+            num_generated += len(token_ids)
+    return choices, num_generated
+
+
+def chat_choices(output, top_logprobs: int | None, token_text: TokenText) -> tuple[list[dict], int]:
+    """Choices of a whole (non-streamed) chat completion, and the tokens generated."""
+    choices = [{
+        "index": c.index, "message": {"role": "assistant", "content": c.text},
+        "logprobs": (None if top_logprobs is None
+                     else chat_logprobs(c.logprobs, c.token_ids, top_logprobs, token_text)),
+        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+    } for c in output.outputs]
+    return choices, sum(len(c.token_ids) for c in output.outputs)
+
+
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
             "total_tokens": num_prompt_tokens + num_completion_tokens}

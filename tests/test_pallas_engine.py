@@ -1,0 +1,97 @@
+"""The engine's Pallas attention path against its reference path, end to end.
+
+On CPU the Pallas backend is the GPU kernel in interpret mode; on a GPU (device tool, marked
+`gpu`) it is the compiled Triton kernel. Greedy decoding must give the same tokens as the
+reference backend for the same model and prompts; a 32-token budget forces chunked prefill and
+mixed prefill + decode steps, and 3 q heads per kv head exercise the padded GQA group.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpaged import LLM
+from jaxpaged.attention import make_attention, resolve_backend
+from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.step_inputs import AttentionMetadata
+from pallas_kernels import ragged_paged_attention_reference
+from pallas_kernels.gpu import compiled_supports
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    " * 6, "1, 2, 3, 4,"]  # the 2nd: > 32 tokens
+ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+              num_pages=24, token_buckets=(32,))
+
+
+def greedy_tokens(llm, max_tokens):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [out.outputs[0].token_ids for out in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def test_resolve_backend():
+    assert resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("auto", "gpu") == "pallas"
+    assert resolve_backend("auto", "tpu") == "pallas"
+    assert resolve_backend("pallas", "cpu") == "pallas"
+    with pytest.raises(ValueError, match="attention_backend"):
+        resolve_backend("flash", "cpu")
+
+
+def test_auto_on_gpu_falls_back_for_geometries_the_kernel_cannot_compile():
+    assert compiled_supports(64, 128) and not compiled_supports(8, 128) and not compiled_supports(16, 80)
+    # head_dim 80: "auto" on GPU traces the reference (so this runs on CPU too); "pallas" refuses.
+    metadata = AttentionMetadata(
+        positions=jnp.array([2], jnp.int32), kv_lens=jnp.array([3], jnp.int32),
+        page_indices=jnp.array([[1]], jnp.int32), cu_q_lens=jnp.array([0, 1], jnp.int32),
+        num_seqs=jnp.array([1], jnp.int32), logits_indices=jnp.array([0], jnp.int32))
+    rng = np.random.default_rng(0)
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((1, 2, 80), (1, 1, 80), (1, 1, 80), (2, 16, 2, 80))]
+    got, _ = make_attention("auto", platform="gpu", sm_scale=0.1, sliding_window=None)(*args, metadata)
+    want, _ = ragged_paged_attention_reference(*args, metadata.kv_lens, metadata.page_indices,
+                                               metadata.cu_q_lens, metadata.num_seqs, sm_scale=0.1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="power-of-two"):
+        jax.eval_shape(lambda *a: make_attention("pallas", platform="gpu", sm_scale=0.1, sliding_window=None)(*a, metadata), *args)
+
+
+@pytest.mark.slow
+def test_engine_pallas_matches_reference_greedy():
+    want = greedy_tokens(LLM(attention_backend="reference", **ENGINE), 6)
+    got = greedy_tokens(LLM(attention_backend="pallas", **ENGINE), 6)
+    assert got == want
+
+
+def random_smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M's config and tokenizer with random weights (the GGUF is too big to carry to
+    the device). $JAXPAGED_SMOLLM2_CONFIG_DIR names a dir with config.json + tokenizer files."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = os.environ.get("JAXPAGED_SMOLLM2_CONFIG_DIR")
+    if source is None:
+        from jaxpaged.model_source import resolve_model
+
+        source = resolve_model(None)._config_dir()
+    target = tmp_path_factory.mktemp("random_smollm2")
+    for f in Path(source).iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, target / f.name)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target), dtype=torch.float32)
+    model.save_pretrained(target)
+    return str(target)
+
+
+@pytest.mark.gpu
+def test_engine_pallas_matches_reference_greedy_on_gpu(tmp_path_factory):
+    # float32 with "highest" matmuls on both sides (JAX_DEFAULT_MATMUL_PRECISION=highest), so the
+    # only difference is the order of the sums; random weights keep the GGUF off the device.
+    model = random_smollm2_dir(tmp_path_factory)
+    engine = dict(ENGINE, max_model_len=256, num_pages=64)
+    want = greedy_tokens(LLM(model, attention_backend="reference", **engine), 24)
+    got = greedy_tokens(LLM(model, attention_backend="pallas", **engine), 24)
+    assert got == want
