@@ -10,13 +10,13 @@ given context length. Floor = (weight bytes + KV bytes read) / copy bandwidth.
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged.bench.roofline import copy_bandwidth, median_seconds
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.params import random_params
 from jaxpaged.request import Request
@@ -32,23 +32,6 @@ SHAPES = {  # Hugging Face config fields of the public models (weights are rando
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                          vocab_size=128256, tie_word_embeddings=False),
 }
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def copy_bandwidth(num_bytes: int = 2 << 30) -> float:
-    x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a * 1)  # reads and writes every byte once
-    seconds = median_seconds(lambda: copy(x).block_until_ready(), 20)
-    return 2 * num_bytes / seconds
 
 
 def decode_step(name: str, batch: int, context: int, page_size: int) -> dict:

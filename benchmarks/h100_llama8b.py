@@ -31,6 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from jaxpaged.bench.roofline import median_seconds  # noqa: E402  (numpy only; JAX loads later)
+
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 512,
@@ -144,33 +146,12 @@ def run_hf(args) -> dict:
 
 # ---- part 2: roofline, decode steps, jaxpaged offline -----------------------------------------
 
-def median_seconds(fn, repeats: int) -> float:
-    import numpy as np
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def roofline(smoke: bool) -> dict:
-    import jax
-    import jax.numpy as jnp
+    from jaxpaged.bench.roofline import copy_bandwidth, matmul_rate
 
     n_bytes = (64 << 20) if smoke else (2 << 30)
-    x = jax.random.normal(jax.random.key(0), (n_bytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a + 1)  # reads and writes every byte once
-    copy_s = median_seconds(lambda: copy(x).block_until_ready(), 20)
-    del x
     n = 1024 if smoke else 8192
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-    matmul = jax.jit(lambda p, q: p @ q)
-    matmul_s = median_seconds(lambda: matmul(a, b).block_until_ready(), 20)
-    return {"copy_bandwidth_bytes_s": 2 * n_bytes / copy_s, "matmul_flop_s": 2 * n ** 3 / matmul_s,
+    return {"copy_bandwidth_bytes_s": copy_bandwidth(n_bytes), "matmul_flop_s": matmul_rate(n),
             "matmul_n": n, "copy_bytes": n_bytes}
 
 

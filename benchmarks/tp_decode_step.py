@@ -17,13 +17,13 @@ if "--smoke" in sys.argv and "XLA_FLAGS" not in os.environ:  # before JAX starts
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxpaged.bench.roofline import median_seconds  # noqa: E402
 from jaxpaged.config import ModelConfig  # noqa: E402
 from jaxpaged.models.params import random_params  # noqa: E402
 from jaxpaged.request import Request  # noqa: E402
@@ -40,16 +40,6 @@ SHAPES = {  # Hugging Face config fields (weights are random)
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
                   tie_word_embeddings=False),
 }
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def decode_steps(config: ModelConfig, tp: int, batches: list[int], context: int, page_size: int,

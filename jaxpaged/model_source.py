@@ -108,9 +108,10 @@ class ModelSource:
         from conversions.safetensors_reader import read_safetensors_dir
 
         if not any(self.path.glob("*.safetensors")):
-            raise ValueError(f"{self.name} has no weights (no .safetensors in {self.path}); "
-                             "pass load_format='dummy' (--load-format dummy) for random weights "
-                             "of its shapes")
+            raise FileNotFoundError(
+                f"{self.name} has no weights: no model.safetensors or model.safetensors.index.json "
+                f"in {self.path} (for random weights of its shapes use load_format='dummy', "
+                "--load-format dummy)")
         return read_safetensors_dir(self.path)
 
     def generation_config(self) -> dict:

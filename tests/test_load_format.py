@@ -103,7 +103,7 @@ def test_without_a_tokenizer_text_needs_are_refused(dummy_llm):
 def test_weightless_model_needs_load_format_dummy(tiny_dir):
     from jaxpaged import LLM
 
-    with pytest.raises(ValueError, match="no weights.*load-format dummy"):
+    with pytest.raises(FileNotFoundError, match="no weights.*load-format dummy"):
         LLM(str(tiny_dir))
     with pytest.raises(ValueError, match="load_format must be one of auto, dummy"):
         EngineConfig(load_format="npz")

@@ -1,0 +1,44 @@
+"""Device ceilings measured in the same run as the numbers compared with them.
+
+Copy bandwidth (a bf16 `a + 1`: every byte read and written once) and the bf16 matmul rate
+(`n`³ `jnp.dot`) vary between machines and leases, so benchmarks measure them alongside their
+own results rather than trusting a datasheet. JAX is imported here, unlike the rest of
+`jaxpaged.bench` (whose host-side modules run against remote servers).
+"""
+
+import time
+
+import numpy as np
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` (which must block until its work is done), after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> float:
+    """Bytes per second read + written by a device-to-device elementwise copy."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + 1)
+    seconds = median_seconds(lambda: copy(x).block_until_ready(), repeats)
+    return 2 * num_bytes / seconds
+
+
+def matmul_rate(n: int = 8192, repeats: int = 20) -> float:
+    """bf16 FLOP per second of one n x n x n matmul."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
+    matmul = jax.jit(jnp.dot)
+    seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+    return 2 * n ** 3 / seconds
