@@ -145,7 +145,8 @@ class Engine:
             token_bucket=pick_bucket(self.token_buckets, batch.total_tokens),
             max_num_seqs=self.config.max_num_seqs, pages_per_seq=self.pages_per_seq,
             history_width=self.runner.history_width(penalties))
-        sampled = self.runner.execute(inputs, apply_penalties=penalties)
+        logprobs = any(r.params.logprobs is not None for r in batch.requests)
+        sampled = self.runner.execute(inputs, apply_penalties=penalties, with_logprobs=logprobs)
         self._record_prompt_logprobs(batch)
         advanced = self.scheduler.update(batch, sampled.token_ids)
         return self._postprocess(batch, advanced, sampled)

@@ -45,6 +45,11 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
+# (apply_penalties, with_logprobs): penalties need the token history, logprobs a log-softmax and a
+# top-k over the vocabulary; most steps need neither, so each costs only where it is used.
+SAMPLER_VARIANTS = tuple((p, lp) for p in (False, True) for lp in (False, True))
+
+
 class ModelRunner:
     def __init__(self, config: ModelConfig, params: dict, *, num_pages: int, page_size: int,
                  max_num_seqs: int, pages_per_seq: int, max_model_len: int,
@@ -92,12 +97,13 @@ class ModelRunner:
     def history_width(self, apply_penalties: bool) -> int:
         return self.max_model_len if apply_penalties else 1
 
-    def execute(self, inputs: StepInputs, *, apply_penalties: bool) -> SampleOutput:
-        """Runs one step; returns the sampled tokens and logprobs as numpy arrays."""
+    def execute(self, inputs: StepInputs, *, apply_penalties: bool,
+                with_logprobs: bool = False) -> SampleOutput:
+        """Runs one step; returns the sampled tokens (and logprobs, if asked) as numpy arrays."""
         forward_program = self._forward_programs[inputs.token_ids.shape[0]]
         logits, self._hidden, self.kv_pages = forward_program(
             self.params, self.kv_pages, inputs.token_ids, inputs.attention)
-        out = self._sample_programs[apply_penalties](logits, inputs.sampling)
+        out = self._sample_programs[apply_penalties, with_logprobs](logits, inputs.sampling)
         return SampleOutput(*jax.device_get(tuple(out)))
 
     def prompt_logprobs(self, rows: np.ndarray, target_ids: np.ndarray):
@@ -121,7 +127,7 @@ class ModelRunner:
         return tuple(np.concatenate(parts) for parts in zip(*outs))
 
     def warmup(self) -> tuple[int, float]:
-        """Compiles one forward program per token bucket, the two sampler variants and the
+        """Compiles one forward program per token bucket, the four sampler variants and the
         prompt-logprob scorer.
 
         Programs are compiled ahead of time and called directly, so serving can never trigger a
@@ -137,12 +143,13 @@ class ModelRunner:
         num_seqs, vocab = self.max_num_seqs, self.config.vocab_size
         rep = self.plan.replicated
         logits = jax.ShapeDtypeStruct((num_seqs, vocab), jnp.float32, sharding=rep)
-        for apply_penalties in (False, True):
+        for apply_penalties, with_logprobs in SAMPLER_VARIANTS:
             sampling = self._dummy_inputs(self.token_buckets[0], apply_penalties).sampling
             sampling = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                                     sampling)
-            lowered[("sample", apply_penalties)] = self._sample.lower(
-                logits, sampling, apply_penalties=apply_penalties, num_top_logprobs=MAX_LOGPROBS)
+            lowered[("sample", apply_penalties, with_logprobs)] = self._sample.lower(
+                logits, sampling, apply_penalties=apply_penalties,
+                num_top_logprobs=MAX_LOGPROBS if with_logprobs else None)
         hidden = jax.ShapeDtypeStruct((self.prompt_logprob_rows, self.config.hidden_size),
                                       self.params["embed"].dtype, sharding=rep)
         targets = jax.ShapeDtypeStruct((self.prompt_logprob_rows,), jnp.int32, sharding=rep)
@@ -151,7 +158,7 @@ class ModelRunner:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
         self._forward_programs = {b: compiled[("forward", b)] for b in self.token_buckets}
-        self._sample_programs = {p: compiled[("sample", p)] for p in (False, True)}
+        self._sample_programs = {v: compiled[("sample", *v)] for v in SAMPLER_VARIANTS}
         self._token_logprobs_program = compiled[("token_logprobs",)]
         return len(compiled), time.perf_counter() - start
 

@@ -106,10 +106,12 @@ def sample(
     sampling: SamplingTensors,
     *,
     apply_penalties: bool,
-    num_top_logprobs: int,
+    num_top_logprobs: int | None,
 ) -> SampleOutput:
-    logits = logits.astype(jnp.float32)  # [S, V]
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [S, V]
+    """`num_top_logprobs=None`: no request of the batch wants logprobs, so none are computed
+    (the log-softmax and the top-k over the vocabulary are a large share of a big batch's
+    sampling time); `logprobs` is then zeros and the top arrays are [S, 0]."""
+    logits = raw_logits = logits.astype(jnp.float32)  # [S, V]
     if apply_penalties:
         logits = penalize(logits, sampling)
     logits = ban(logits, sampling.banned_token_ids)
@@ -125,6 +127,11 @@ def sample(
     )
     token_ids = jnp.where(greedy, greedy_ids, random_ids)  # [S]
 
+    if num_top_logprobs is None:
+        num_seqs = token_ids.shape[0]
+        return SampleOutput(token_ids, jnp.zeros((num_seqs,), jnp.float32),
+                            jnp.zeros((num_seqs, 0), jnp.int32), jnp.zeros((num_seqs, 0), jnp.float32))
+    raw_logprobs = jax.nn.log_softmax(raw_logits, axis=-1)  # [S, V]
     logprobs = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]  # [S]
     top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)  # [S, N] each
     return SampleOutput(token_ids, logprobs, top_ids.astype(jnp.int32), top_logprobs)

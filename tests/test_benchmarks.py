@@ -121,7 +121,7 @@ def test_bench_startup_command(tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     for run in ("cold", "warm"):
-        assert report[run]["programs"] == 5  # 2 token buckets, 2 sampler variants, the scorer
+        assert report[run]["programs"] == 7  # 2 token buckets, 4 sampler variants, the scorer
         assert report[run]["seconds_to_ready"] > report[run]["engine_seconds"] > 0
     assert report["cold"]["backend_compiles"] >= 1
     assert "cold:" in capsys.readouterr().out

@@ -292,3 +292,20 @@ def test_banned_tokens_are_never_sampled():
         assert ids[0] == expected_row0
         assert ids[1] != 5
         assert ids[2] == 5  # row 2 bans nothing (its -1 padding must not wrap to token 15)
+
+
+def test_without_logprobs_the_same_tokens_and_greedy_is_argmax():
+    """The variant for batches that ask for no logprobs skips them and samples the same tokens."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(6, 40)).astype(np.float32)
+    temperature = np.array([0, 0.8, 0, 1.3, 0.5, 0], np.float32)
+    sampling = make_sampling(6, temperature=temperature, seeds=np.arange(6) + 11, top_k=5,
+                             top_p=0.9)
+    ids, logprobs, top_ids, top_logprobs = run(logits, sampling, num_top_logprobs=None)
+    greedy = temperature < 1e-5
+    np.testing.assert_array_equal(ids[greedy], logits[greedy].argmax(-1))
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    assert all(ids[i] in top5[i] for i in range(6))  # top_k still applies
+    with_logprobs, *_ = run(logits, sampling, num_top_logprobs=3)
+    np.testing.assert_array_equal(ids, with_logprobs)
+    assert top_ids.shape == (6, 0) and top_logprobs.shape == (6, 0) and not logprobs.any()
