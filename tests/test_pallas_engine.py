@@ -61,29 +61,32 @@ def test_engine_pallas_matches_reference_greedy():
     assert got == want
 
 
+# SmolLM2-135M-Instruct's shapes (its config.json), so the GPU test needs no download.
+SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                      max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                      tie_word_embeddings=True)
+# Token-id prompts (no tokenizer on the device): a short one, one longer than the 32-token
+# budget (chunked prefill) and one in between.
+PROMPT_IDS = [[1, 504, 3575, 282, 4649, 314], [(7 * i) % 49000 + 20 for i in range(45)],
+              [28, 30, 216, 33, 30, 216, 34, 30]]
+
+
 def random_smollm2_dir(tmp_path_factory):
-    """SmolLM2-135M's config and tokenizer with random weights (the GGUF is too big to carry to
-    the device). $JAXPAGED_SMOLLM2_CONFIG_DIR names a dir with config.json + tokenizer files."""
-    import os
-    import shutil
-    from pathlib import Path
-
+    """SmolLM2-135M's shapes with random weights, saved by transformers: nothing to fetch, so
+    the test runs on a device machine that cannot download the real model."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    source = os.environ.get("JAXPAGED_SMOLLM2_CONFIG_DIR")
-    if source is None:
-        from jaxpaged.model_source import resolve_model
-
-        source = resolve_model(None)._config_dir()
     target = tmp_path_factory.mktemp("random_smollm2")
-    for f in Path(source).iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            shutil.copy(f, target / f.name)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target), dtype=torch.float32)
-    model.save_pretrained(target)
+    LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPES)).to(torch.float32).save_pretrained(target)
     return str(target)
+
+
+def greedy_token_ids(llm, max_tokens):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [out.outputs[0].token_ids for out in llm.generate(PROMPT_IDS, params, use_tqdm=False)]
 
 
 @pytest.mark.gpu
@@ -92,6 +95,6 @@ def test_engine_pallas_matches_reference_greedy_on_gpu(tmp_path_factory):
     # only difference is the order of the sums; random weights keep the GGUF off the device.
     model = random_smollm2_dir(tmp_path_factory)
     engine = dict(ENGINE, max_model_len=256, num_pages=64)
-    want = greedy_tokens(LLM(model, attention_backend="reference", **engine), 24)
-    got = greedy_tokens(LLM(model, attention_backend="pallas", **engine), 24)
+    want = greedy_token_ids(LLM(model, attention_backend="reference", **engine), 24)
+    got = greedy_token_ids(LLM(model, attention_backend="pallas", **engine), 24)
     assert got == want
