@@ -13,7 +13,9 @@ writing `PART.json` to --out-dir as soon as it is done (a run cut short keeps wh
    host); then jaxpaged offline on `random` --input-len in / --output-len out, --num-prompts
    prompts, EOS ignored, counting XLA compiles during the run (must be 0); then (--prefix-cache)
    issue 7's workload: shared-prefix (32 groups x 16 requests, 1000-token prefix, 100-token
-   suffix) and a no-sharing workload of the same sizes, prefix caching on vs off.
+   suffix) and a no-sharing workload of the same sizes, prefix caching off vs on (one engine,
+   the cache reset and toggled between settings); and the decode step timed through the whole
+   engine (async scheduling on) at each --batches.
 3. the summary: `h100_llama8b.json` and `h100_llama8b.md` in --out-dir.
 
     python3 benchmarks/h100_llama8b.py --out-dir $OUT                 # on the H100
@@ -51,8 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--token-buckets", type=int, nargs="+", default=[16, 64, 256, 512, 1024, 2048])
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--token-buckets", type=int, nargs="+",
+                        default=[16, 64, 256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--offline-seconds", type=float, default=240,
@@ -61,6 +64,10 @@ def parse_args(argv=None):
     parser.add_argument("--hf-batch", type=int, default=128)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--prefix-cache", action="store_true", help="also issue 7's workloads")
+    parser.add_argument("--compare-sync", action="store_true",
+                        help="run the offline workload again with async scheduling off")
+    parser.add_argument("--engine-decode-steps", type=int, default=32,
+                        help="decode steps timed through the whole engine per --batches (0: skip)")
     parser.add_argument("--startup", action="store_true",
                         help="also time process start to ready, cold and warm compilation cache")
     parser.add_argument("--prefix-groups", type=int, default=32)
@@ -84,6 +91,7 @@ def parse_args(argv=None):
         args.hf_prompts, args.hf_batch = 4, 2
         args.prefix_groups, args.prefix_per_group, args.prefix_len = 2, 3, 40
         args.suffix_len, args.prefix_output_len = 8, 4
+        args.engine_decode_steps = 4
     return args
 
 
@@ -237,6 +245,7 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
 
     def forward_only():
         logits, _, runner.kv_pages = forward(runner.params, runner.kv_pages, inputs.token_ids,
+                                             inputs.token_src, runner._last_token_ids,
                                              inputs.attention)
         logits.block_until_ready()
         return logits
@@ -340,6 +349,21 @@ def run_jax(args) -> dict:
             gc.collect()
     print_offline("offline random", report["offline"])
     save()
+    if args.compare_sync and (args.deadline is None or time.time() < args.deadline):
+        engine = llm.engine
+        engine.async_scheduling, before = False, engine.async_scheduling
+        assert llm.reset_prefix_cache()  # the same prompts again: no hits from the first run
+        report["offline_sync"] = run_offline(engine, workload(args), ignore_eos=True,
+                                             max_seconds=args.offline_seconds,
+                                             request_prefix="sync")
+        engine.async_scheduling = before
+        print_offline("offline random, async scheduling off", report["offline_sync"])
+        save()
+
+    if args.engine_decode_steps and (args.deadline is None or time.time() < args.deadline):
+        floors = {row["batch"]: row.get("floor_ms") for row in report["decode"]}
+        report["engine_decode"] = engine_decode(llm.engine, args, floors, config.vocab_size)
+        save()
 
     if args.prefix_cache and (args.deadline is None or time.time() < args.deadline):
         vocab = config.vocab_size
@@ -348,11 +372,11 @@ def run_jax(args) -> dict:
         unique = random_requests(len(shared), args.prefix_len + args.suffix_len,
                                  args.prefix_output_len, 0.0, vocab, seed=2)
         runs = report["prefix_cache"] = {}
-        for caching in (True, False):
-            if not caching:
-                del llm
-                gc.collect()
-                llm = LLM(args.model, **{**engine_args, "enable_prefix_caching": False})
+        pages = llm.engine.pages
+        # One engine, caching toggled: both settings run the same compiled programs and pages.
+        for caching in (False, True):
+            assert llm.reset_prefix_cache()
+            pages.enable_prefix_caching = caching
             warm = random_requests(4, 64, 4, 0.0, vocab, seed=3)  # first executions, not measured
             run_offline(llm.engine, warm, ignore_eos=True, request_prefix=f"warm-{caching}")
             for name, requests in (("shared-prefix", shared), ("no-sharing", unique)):
@@ -361,6 +385,48 @@ def run_jax(args) -> dict:
                 print_offline(key, runs[key])
                 save()
     return report
+
+
+def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
+    """Decode step time of the whole engine (scheduling, inputs, dispatch, sampling, host
+    bookkeeping; async scheduling as configured) at ctx `args.context`: `batch` requests are
+    prefilled, then `args.engine_decode_steps` pure-decode steps are timed."""
+    import numpy as np
+
+    from jaxpaged.sampling_params import SamplingParams
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for batch in args.batches:
+        if batch > engine.config.max_num_seqs:
+            continue
+        steps = args.engine_decode_steps
+        # Two untimed steps, the timed ones, and one more (async scheduling dispatches ahead).
+        params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+        ids = [f"decode-{batch}-{i}" for i in range(batch)]
+        for request_id in ids:
+            engine.add_request(request_id, rng.integers(100, vocab, args.context).tolist(), params)
+        started = set()
+        while len(started) < batch:  # prefill until every request has its first token
+            started.update(o.request_id for o in engine.step())
+        for _ in range(2):
+            engine.step()
+        begin = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        step_s = (time.perf_counter() - begin) / steps
+        for request_id in ids:
+            engine.abort(request_id)
+        while engine.has_unfinished:  # the last dispatched step (async scheduling)
+            engine.step()
+        floor = floors.get(batch)
+        rows.append({"batch": batch, "context": args.context, "steps": steps,
+                     "step_ms": 1e3 * step_s, "floor_ms": floor,
+                     "ratio_to_floor": 1e3 * step_s / floor if floor else None,
+                     "async_scheduling": engine.async_scheduling})
+        print(f"engine decode batch {batch:4d} ctx ~{args.context}: {1e3 * step_s:.2f} ms/step"
+              + (f" = {rows[-1]['ratio_to_floor']:.2f}x the floor" if floor else ""), flush=True)
+    return rows
 
 
 def print_offline(name: str, r: dict) -> None:
@@ -476,6 +542,17 @@ def render_markdown(s: dict) -> str:
                          f"{row['floor_ms']:.2f} ms | {row['ratio_to_floor']:.2f}x | "
                          f"{f'<= {target}x' if target else '-'} |")
         lines.append("")
+    if j.get("engine_decode"):
+        lines += ["Through the whole engine (scheduling, inputs, dispatch, sampling, host "
+                  "bookkeeping; async scheduling "
+                  f"{'on' if j['engine_decode'][0]['async_scheduling'] else 'off'}), "
+                  "pure-decode steps after prefill:", "",
+                  "| batch | engine step | floor | step/floor |", "| --- | --- | --- | --- |"]
+        for row in j["engine_decode"]:
+            ratio = f"{row['ratio_to_floor']:.2f}x" if row.get("ratio_to_floor") else "-"
+            floor = f"{row['floor_ms']:.2f} ms" if row.get("floor_ms") else "-"
+            lines.append(f"| {row['batch']} | {row['step_ms']:.2f} ms | {floor} | {ratio} |")
+        lines.append("")
     if j.get("offline"):
         o, e = j["offline"], j.get("engine", {})
         w = s["args"]
@@ -495,6 +572,12 @@ def render_markdown(s: dict) -> str:
             lines += ["", f"Stopped at the --offline-seconds limit: {o['completed']} of "
                       f"{w['num_prompts']} prompts finished; counting every token produced, "
                       f"{o['produced_output_throughput']:.0f} output tok/s."]
+        sync = j.get("offline_sync")
+        if sync:
+            lines += ["", f"Same engine and workload with async scheduling off: "
+                      f"{sync['output_throughput']:.0f} output tok/s (step {sync['mean_step_ms']:.1f} ms "
+                      f"= execute {sync['mean_execute_ms']:.1f} + host {sync['mean_host_ms']:.1f}; "
+                      f"{sync['num_steps']} steps)."]
         lines += ["", f"Target >= 5800 output tok/s: {o['output_throughput'] / 5800:.2f}x of it."]
         if s.get("speedup_vs_transformers"):
             lines.append(f"jaxpaged / transformers: {s['speedup_vs_transformers']:.2f}x.")

@@ -17,6 +17,8 @@ _FLAG_HELP = {
     "model": "HF directory, .gguf file or Hub name (default: the embedded SmolLM2-135M-Instruct)",
     "dtype": "auto (float32 on CPU, bfloat16 on accelerators), float32, bfloat16, float16",
     "attention_backend": "auto, reference or pallas",
+    "async_scheduling": "schedule step N+1 while step N runs on the device "
+                        "(default: on for GPU and TPU, off on CPU)",
     "tensor_parallel_size": "shard the model and KV cache over this many devices (default: 1)",
     "load_format": "auto (read the checkpoint) or dummy (random weights of the model's shapes; "
                    "also for shipped configs: llama-3.1-8b, llama-3.2-1b, qwen2.5-7b)",
@@ -28,8 +30,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(EngineConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = next((t for t in (int, float) if t in (field.type, *typing.get_args(field.type))), str)
-        if field.type is bool:  # --enable-prefix-caching / --no-enable-prefix-caching
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        if bool in (field.type, *typing.get_args(field.type)):  # --x / --no-x
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=_FLAG_HELP.get(field.name))
             continue
         if field.name == "token_buckets":
             parser.add_argument(flag, type=int, nargs="+", default=None, help="compiled token buckets")

@@ -127,6 +127,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # devices the model and KV cache are sharded over
     seed: int = 0
     enable_prefix_caching: bool = True
+    # Schedule step N+1 while step N runs on the device (vLLM's --async-scheduling). None: on for
+    # GPU and TPU; off on CPU, where the "device" is the same cores the host work would compete for.
+    async_scheduling: bool | None = None
     token_buckets: tuple[int, ...] | None = None  # None: powers of two up to the token budget
     load_format: str = "auto"
 

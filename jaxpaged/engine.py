@@ -1,8 +1,14 @@
 """The engine: request in, tokens out, one `step()` at a time.
 
     request ─► tokenizer ─► Scheduler.schedule() ─► StepInputs (padded to a bucket)
-            ─► runner.execute (forward on pages + sampling, one jit each) ─► token ids
+            ─► runner.dispatch (forward on pages + sampling, one jit each) ─► token ids
             ─► Scheduler.update ─► detokenize, stop strings ─► RequestOutput
+
+With async scheduling (the default) a step dispatches step N+1 before it waits for step N's ids,
+so the host's scheduling, input building and detokenizing overlap the device's work instead of
+leaving it idle; outputs then come back one `step()` after their tokens were dispatched. Batches
+that need every token on the host first (penalties read the history; prompt logprobs read the
+step's hidden states) run synchronously.
 """
 
 import logging
@@ -78,6 +84,11 @@ class Engine:
             attention_backend=config.attention_backend, kv_dtype=self.dtype, plan=self.plan)
         self.eos_token_ids = self._eos_token_ids()
         self.groups: dict[str, RequestGroup] = {}
+        self.async_scheduling = config.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = jax.devices()[0].platform != "cpu"
+        self._sync_groups: set[str] = set()  # requests whose steps must run synchronously
+        self._in_flight = None  # (ScheduledBatch, device SampleOutput) dispatched, not yet fetched
         self._rng = np.random.default_rng(config.seed)
         self.num_compiles, self.warmup_seconds = self.runner.warmup()
         logger.info("warm-up compiled %d programs in %.1f s", self.num_compiles, self.warmup_seconds)
@@ -122,34 +133,75 @@ class Engine:
                 raise
         self.groups[request_id] = RequestGroup(request_id, prompt, list(prompt_token_ids),
                                                sequences, detokenizers)
+        if params.uses_penalties or params.prompt_logprobs is not None:
+            self._sync_groups.add(request_id)
 
     def abort(self, request_id: str) -> None:
         """Ends a request wherever it is, freeing its pages at once."""
         group = self.groups.pop(request_id, None)
+        self._sync_groups.discard(request_id)
         for seq in group.sequences if group else ():
             self.scheduler.finish(seq, "abort")
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._in_flight is not None
 
     # ---- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedules and dispatches one step; returns the outputs of the step whose ids arrived
+        (under async scheduling, the previous one)."""
+        try:
+            if self.async_scheduling and not self._sync_groups:
+                return self._step_async()
+            outputs = self._finish_in_flight()  # the queue drains before a synchronous step
+            return outputs + self._step_sync()
+        except BaseException:
+            self._in_flight = None  # a failed step's results will never arrive
+            raise
+
+    def _step_sync(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
         penalties = any(r.params.uses_penalties for r in batch.requests)
-        inputs = build_step_inputs(
+        logprobs = any(r.params.logprobs is not None for r in batch.requests)
+        out = self.runner.dispatch(self._inputs(batch, penalties), apply_penalties=penalties,
+                                   with_logprobs=logprobs)
+        self._record_prompt_logprobs(batch)
+        sampled = self.runner.fetch(out)
+        advanced = self.scheduler.update(batch, sampled.token_ids)
+        return self._postprocess(batch, advanced, sampled)
+
+    def _step_async(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        in_flight = None
+        if batch:
+            logprobs = any(r.params.logprobs is not None for r in batch.requests)
+            out = self.runner.dispatch(self._inputs(batch, False), apply_penalties=False,
+                                       with_logprobs=logprobs)
+            self.scheduler.commit(batch)
+            in_flight = (batch, out)
+        outputs = self._finish_in_flight()  # waits for the previous step while this one queues
+        self._in_flight = in_flight
+        return outputs
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        if self._in_flight is None:
+            return []
+        batch, out = self._in_flight
+        self._in_flight = None
+        sampled = self.runner.fetch(out)
+        advanced = self.scheduler.update(batch, sampled.token_ids)
+        return self._postprocess(batch, advanced, sampled)
+
+    def _inputs(self, batch: ScheduledBatch, penalties: bool):
+        return build_step_inputs(
             batch.requests, batch.num_new_tokens,
             token_bucket=pick_bucket(self.token_buckets, batch.total_tokens),
             max_num_seqs=self.config.max_num_seqs, pages_per_seq=self.pages_per_seq,
             history_width=self.runner.history_width(penalties))
-        logprobs = any(r.params.logprobs is not None for r in batch.requests)
-        sampled = self.runner.execute(inputs, apply_penalties=penalties, with_logprobs=logprobs)
-        self._record_prompt_logprobs(batch)
-        advanced = self.scheduler.update(batch, sampled.token_ids)
-        return self._postprocess(batch, advanced, sampled)
 
     def _record_prompt_logprobs(self, batch: ScheduledBatch) -> None:
         """Scores the step's prompt positions for requests that asked for prompt logprobs.
@@ -207,6 +259,7 @@ class Engine:
         for group in touched.values():
             if group.finished:
                 del self.groups[group.request_id]
+                self._sync_groups.discard(group.request_id)
         return outputs
 
     def _output(self, group: RequestGroup) -> RequestOutput:

@@ -87,6 +87,10 @@ class LLM:
 
     # ---- internals ---------------------------------------------------------------------------
 
+    def reset_prefix_cache(self) -> bool:
+        """Drops every cached prefix page; False (and nothing dropped) while requests run."""
+        return self.engine.pages.reset_prefix_cache()
+
     def _run(self, token_lists, texts, sampling_params, use_tqdm, salts=None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.default_sampling_params()

@@ -99,6 +99,17 @@ class PageManager:
 
     # ---- prefix cache ------------------------------------------------------------------------
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached page (vLLM's `reset_prefix_cache`); only while no page is in use,
+        else changes nothing and returns False."""
+        if any(self.refcounts):
+            return False
+        self.free_pages.extend(self.evictable)
+        self.evictable.clear()
+        self.page_by_hash.clear()
+        self.hash_of_page = [None] * self.num_pages
+        return True
+
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """The cached pages for the longest run of leading hashes; takes a reference to each."""
         pages = []

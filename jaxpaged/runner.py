@@ -1,6 +1,11 @@
 """The device side of a step: one jitted forward per token bucket, one jitted sampler, and one
 program that scores hidden rows for prompt logprobs.
 
+`dispatch` enqueues a step and returns at once with its sampled ids still on the device; `fetch`
+waits for them. The engine uses the gap to schedule the next step while this one runs (async
+scheduling): the next step's forward reads any token the host has not seen yet straight from the
+previous step's sampled ids (`StepInputs.token_src`).
+
 The runner owns the params and the paged KV cache (one array per layer, donated through the jit so
 XLA updates it in place). Everything it is given per step is a `StepInputs` of fixed shape, so after
 `warmup()` compiled every bucket, serving never compiles again.
@@ -81,9 +86,9 @@ class ModelRunner:
         params_sharding = param_shardings(self.plan)
         kv_shardings = [kv_sharding] * config.num_layers
         self._forward = jax.jit(
-            functools.partial(forward, config=config,
+            functools.partial(_forward_step, config=config,
                               attention=self.plan.shard_attention(attention)),
-            in_shardings=(params_sharding, kv_shardings, rep, rep),
+            in_shardings=(params_sharding, kv_shardings, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shardings), donate_argnames=("kv_pages",))
         self._sample = jax.jit(sample, out_shardings=rep,
                                static_argnames=("apply_penalties", "num_top_logprobs"))
@@ -93,6 +98,7 @@ class ModelRunner:
                                        static_argnames=("num_top",))
         self._token_logprobs_program = None
         self._hidden = None  # [T, D] final-normed states of the last step's tokens
+        self._last_token_ids = jnp.zeros(max_num_seqs, jnp.int32, device=rep)  # [S] last sampled
 
     def history_width(self, apply_penalties: bool) -> int:
         return self.max_model_len if apply_penalties else 1
@@ -100,10 +106,23 @@ class ModelRunner:
     def execute(self, inputs: StepInputs, *, apply_penalties: bool,
                 with_logprobs: bool = False) -> SampleOutput:
         """Runs one step; returns the sampled tokens (and logprobs, if asked) as numpy arrays."""
+        return self.fetch(self.dispatch(inputs, apply_penalties=apply_penalties,
+                                        with_logprobs=with_logprobs))
+
+    def dispatch(self, inputs: StepInputs, *, apply_penalties: bool,
+                 with_logprobs: bool = False) -> SampleOutput:
+        """Enqueues one step; returns its sampler output as device arrays, without waiting."""
         forward_program = self._forward_programs[inputs.token_ids.shape[0]]
         logits, self._hidden, self.kv_pages = forward_program(
-            self.params, self.kv_pages, inputs.token_ids, inputs.attention)
+            self.params, self.kv_pages, inputs.token_ids, inputs.token_src, self._last_token_ids,
+            inputs.attention)
         out = self._sample_programs[apply_penalties, with_logprobs](logits, inputs.sampling)
+        self._last_token_ids = out.token_ids
+        return out
+
+    @staticmethod
+    def fetch(out: SampleOutput) -> SampleOutput:
+        """Waits for a dispatched step; its sampler output as numpy arrays."""
         return SampleOutput(*jax.device_get(tuple(out)))
 
     def prompt_logprobs(self, rows: np.ndarray, target_ids: np.ndarray):
@@ -139,7 +158,8 @@ class ModelRunner:
         for bucket in self.token_buckets:
             inputs = self._dummy_inputs(bucket, apply_penalties=False)
             lowered[("forward", bucket)] = self._forward.lower(
-                self.params, self.kv_pages, inputs.token_ids, inputs.attention)
+                self.params, self.kv_pages, inputs.token_ids, inputs.token_src,
+                self._last_token_ids, inputs.attention)
         num_seqs, vocab = self.max_num_seqs, self.config.vocab_size
         rep = self.plan.replicated
         logits = jax.ShapeDtypeStruct((num_seqs, vocab), jnp.float32, sharding=rep)
@@ -166,6 +186,15 @@ class ModelRunner:
         return build_step_inputs([], [], token_bucket=bucket, max_num_seqs=self.max_num_seqs,
                                  pages_per_seq=self.pages_per_seq,
                                  history_width=self.history_width(apply_penalties))
+
+
+def _forward_step(params, kv_pages, token_ids, token_src, last_token_ids, metadata, *, config,
+                  attention):
+    """The forward pass, first taking each token with `token_src >= 0` from the previous step's
+    sampled ids (`last_token_ids` [S], still on the device)."""
+    from_last = last_token_ids[jnp.maximum(token_src, 0)]
+    token_ids = jnp.where(token_src >= 0, from_last, token_ids)
+    return forward(params, kv_pages, token_ids, metadata, config=config, attention=attention)
 
 
 def kv_bytes_per_page(config: ModelConfig, page_size: int, itemsize: int,

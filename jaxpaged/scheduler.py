@@ -9,6 +9,13 @@ prefill its prompt plus what it had generated.
 With prefix caching, a request admitted from the queue first takes the cached pages of its longest
 cached prefix (whole pages, always leaving at least one token to compute, whose logits it needs),
 and every page that becomes full and computed is offered to the cache.
+
+A step's life: `schedule()` picks the batch, `commit(batch)` records it as running on the device
+(its tokens count as computed; a request whose chunk reached its end has a token *pending*), and
+`update(batch, token_ids)` records the sampled ids once they reach the host. Under async scheduling
+the engine schedules and dispatches step N+1 before step N's ids arrive: a pending token is fed to
+the device from step N's output, and a request that turns out to have stopped at step N simply has
+its step N+1 result dropped.
 """
 
 from collections import deque
@@ -23,6 +30,10 @@ class ScheduledBatch:
     requests: list[Request]  # decodes first, then prefill chunks
     num_new_tokens: list[int]  # tokens scheduled per request, aligned with `requests`
     num_preempted: int = 0
+    # Set by `Scheduler.commit`: which rows sample a token, and each request's preemption count
+    # then (a request preempted while the step ran gets its result dropped).
+    samples: list[bool] | None = None
+    epochs: list[int] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -93,7 +104,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._ends_with_pending(request):
+                i += 1  # its last token is still on the device; it finishes when that lands
+                continue
+            n = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
             if not self._grow(request, request.num_computed_tokens + n):
                 # Free pages by preempting the newest running request until this one fits.
                 victim = self.running[-1]
@@ -128,31 +142,52 @@ class Scheduler:
         scheduled.sort(key=lambda item: not self._is_decode(*item))
         return ScheduledBatch([r for r, _ in scheduled], [n for _, n in scheduled], num_preempted)
 
+    def commit(self, batch: ScheduledBatch) -> None:
+        """Records that `batch` is running: its tokens count as computed, and a request whose chunk
+        reached the end of its tokens now has a sampled token pending."""
+        batch.samples, batch.epochs = [], []
+        for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            request.num_computed_tokens += n
+            samples = request.num_computed_tokens == request.num_tokens_with_pending
+            if samples:
+                request.num_pending += 1
+                request.pending_row = row
+            batch.samples.append(samples)
+            batch.epochs.append(request.num_preemptions)
+
     def update(self, batch: ScheduledBatch, sampled_token_ids) -> list[Request]:
         """Records the step's results; returns the requests that received a new token.
 
         `sampled_token_ids[i]` belongs to `batch.requests[i]`; it is only real when that request's
-        chunk reached the end of its known tokens (a partial prefill chunk samples nothing).
+        chunk reached the end of its tokens (a partial prefill chunk samples nothing). Commits the
+        batch first if the caller did not.
         """
+        if batch.samples is None:
+            self.commit(batch)
         advanced = []
-        for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            if request.finished:  # aborted while the step ran
-                continue
-            request.num_computed_tokens += n
+        for i, request in enumerate(batch.requests):
+            if request.finished or request.num_preemptions != batch.epochs[i]:
+                continue  # aborted, stopped or preempted while the step ran: nothing to record
+            if batch.samples[i]:
+                request.num_pending -= 1
+                request.output_token_ids.append(int(sampled_token_ids[i]))
             self._register_full_pages(request)
-            if request.num_computed_tokens < request.num_tokens:
-                continue
-            token = int(sampled_token_ids[i])
-            request.output_token_ids.append(token)
-            advanced.append(request)
-            self._check_token_stop(request, token)
+            if batch.samples[i]:
+                advanced.append(request)
+                self._check_token_stop(request, request.output_token_ids[-1])
         return advanced
 
     # ---- internals ---------------------------------------------------------------------------
 
     @staticmethod
     def _is_decode(request: Request, n: int) -> bool:
-        return n == 1 and request.num_computed_tokens == request.num_tokens - 1
+        return n == 1 and request.num_computed_tokens == request.num_tokens_with_pending - 1
+
+    def _ends_with_pending(self, request: Request) -> bool:
+        """The pending token is the request's last (max_tokens or the context length)."""
+        return request.num_pending > 0 and (
+            request.num_outputs_with_pending >= request.max_tokens
+            or request.num_tokens_with_pending >= self.max_model_len)
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
         needed = self.pages.pages_needed(num_tokens, len(request.page_ids))
@@ -166,6 +201,7 @@ class Scheduler:
         request.page_ids = []
         request.num_computed_tokens = 0
         request.num_registered_pages = 0
+        request.num_pending = 0  # a token still on the device is recomputed (or not needed)
 
     def _hashes(self, request: Request) -> list[bytes]:
         """The request's full-page hashes, extended to cover every token it knows."""
@@ -192,7 +228,8 @@ class Scheduler:
     def _register_full_pages(self, request: Request) -> None:
         if not self.pages.enable_prefix_caching:
             return
-        full = request.num_computed_tokens // self.pages.page_size
+        # Only pages of tokens the host knows (a pending token's id is still on the device).
+        full = min(request.num_computed_tokens, request.num_tokens) // self.pages.page_size
         if full > request.num_registered_pages:
             hashes = self._hashes(request)
             for i in range(request.num_registered_pages, full):

@@ -44,6 +44,9 @@ class SamplingTensors(NamedTuple):
 
 class StepInputs(NamedTuple):
     token_ids: np.ndarray  # [T] int32
+    # [T] int32: -1, or the row of the previous step's sampled ids that holds this token (async
+    # scheduling feeds a decode token the host has not seen yet straight from the device).
+    token_src: np.ndarray
     attention: AttentionMetadata
     sampling: SamplingTensors
 
@@ -73,6 +76,7 @@ def build_step_inputs(requests, num_new_tokens, *, token_bucket: int, max_num_se
     `history_width` is 1 when no request uses penalties (the history is then not read).
     """
     token_ids = np.zeros(token_bucket, np.int32)
+    token_src = np.full(token_bucket, -1, np.int32)
     positions = np.zeros(token_bucket, np.int32)
     kv_lens = np.zeros(max_num_seqs, np.int32)
     page_indices = np.zeros((max_num_seqs, pages_per_seq), np.int32)
@@ -83,7 +87,10 @@ def build_step_inputs(requests, num_new_tokens, *, token_bucket: int, max_num_se
     offset = 0
     for i, (request, n) in enumerate(zip(requests, num_new_tokens)):
         start = request.num_computed_tokens
-        token_ids[offset:offset + n] = request.all_token_ids[start:start + n]
+        known = request.all_token_ids[start:start + n]
+        token_ids[offset:offset + len(known)] = known
+        if len(known) < n:  # the last one is pending: sampled by the previous step, on the device
+            token_src[offset + n - 1] = request.pending_row
         positions[offset:offset + n] = np.arange(start, start + n)
         kv_lens[i] = start + n
         page_indices[i, :len(request.page_ids)] = request.page_ids
@@ -100,11 +107,13 @@ def build_step_inputs(requests, num_new_tokens, *, token_bucket: int, max_num_se
         sampling.frequency_penalty[i] = params.frequency_penalty
         sampling.repetition_penalty[i] = params.repetition_penalty
         sampling.seeds[i] = request.seed & 0xFFFFFFFF
-        sampling.steps[i] = len(request.output_token_ids)
-        if len(request.output_token_ids) < params.min_tokens:
+        sampling.steps[i] = request.num_outputs_with_pending
+        if request.num_outputs_with_pending < params.min_tokens:
             banned = request.stop_token_ids_under_min_tokens
             sampling.banned_token_ids[i, :len(banned)] = banned
         if history_width > 1:
+            if request.num_pending:
+                raise ValueError("penalties need every token on the host: schedule synchronously")
             history = request.all_token_ids
             sampling.token_history[i, :len(history)] = history
             sampling.num_prompt_tokens[i] = request.num_prompt_tokens
@@ -118,4 +127,5 @@ def build_step_inputs(requests, num_new_tokens, *, token_bucket: int, max_num_se
         num_seqs=np.array([len(requests)], np.int32),
         logits_indices=logits_indices,
     )
-    return StepInputs(token_ids=token_ids, attention=attention, sampling=sampling)
+    return StepInputs(token_ids=token_ids, token_src=token_src, attention=attention,
+                      sampling=sampling)

@@ -156,14 +156,24 @@ def test_unknown_llm_argument():
         LLM(max_num_seqs=64, max_num_batched_tokens=32)
 
 
-def test_abort_frees_pages(smollm2_llm):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_abort_frees_pages(smollm2_llm, async_scheduling):
     engine = smollm2_llm.engine
-    engine.add_request("to-abort", list(range(100, 180)), SamplingParams(max_tokens=50))
-    engine.add_request("to-keep", list(range(200, 230)), SamplingParams(max_tokens=3, temperature=0))
-    for _ in range(3):
-        engine.step()
-    assert engine.pages.num_free_pages < engine.pages.num_pages
-    engine.abort("to-abort")
-    while engine.has_unfinished:
-        engine.step()
+    before, engine.async_scheduling = engine.async_scheduling, async_scheduling
+    try:
+        engine.add_request("to-abort", list(range(100, 180)), SamplingParams(max_tokens=50))
+        engine.add_request("to-keep", list(range(200, 230)),
+                           SamplingParams(max_tokens=3, temperature=0))
+        outputs = []
+        for _ in range(3):
+            outputs += engine.step()
+        assert engine.pages.num_free_pages < engine.pages.num_pages
+        engine.abort("to-abort")  # under async scheduling, while its next step is on the device
+        while engine.has_unfinished:
+            outputs += engine.step()
+    finally:
+        engine.async_scheduling = before
     assert engine.pages.num_free_pages == engine.pages.num_pages
+    assert {o.request_id for o in outputs if o.finished} == {"to-keep"}
+    kept = [o for o in outputs if o.request_id == "to-keep"][-1].outputs[0]
+    assert len(kept.token_ids) == 3 and kept.finish_reason == "length"

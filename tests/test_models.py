@@ -118,6 +118,7 @@ def run_engine(llm, prompts: list[list[int]], num_decode_steps: int):
             max_num_seqs=engine.config.max_num_seqs, pages_per_seq=engine.pages_per_seq,
             history_width=1)
         logits, _, runner.kv_pages = runner._forward(runner.params, runner.kv_pages, inputs.token_ids,
+                                                  inputs.token_src, runner._last_token_ids,
                                                   inputs.attention)
         sampled = runner._sample(logits, inputs.sampling, apply_penalties=False,
                                  num_top_logprobs=MAX_LOGPROBS)

@@ -157,3 +157,20 @@ def test_random_churn_with_heavy_sharing(seed):
     assert all(r.status is Status.FINISHED and not r.page_ids for r in requests)
     assert all(count == 0 for count in pages.refcounts)
     assert pages.num_free_pages == pages.num_pages
+
+
+def test_reset_prefix_cache_forgets_cached_pages_only_when_idle():
+    pages = PageManager(4, PAGE, enable_prefix_caching=True)
+    hashes = page_hashes(list(range(8)), PAGE, None)
+    owned = pages.allocate(2)
+    for page, h in zip(owned, hashes):
+        pages.register(page, h)
+    assert not pages.reset_prefix_cache()  # in use: nothing changes
+    assert pages.lookup(hashes) == owned
+    pages.free(owned)
+    pages.free(owned)
+    assert len(pages.evictable) == 2
+    assert pages.reset_prefix_cache()
+    assert pages.lookup(hashes) == [] and not pages.evictable
+    assert sorted(pages.free_pages) == [0, 1, 2, 3] and pages.num_free_pages == 4
+    assert sorted(pages.allocate(4)) == [0, 1, 2, 3]

@@ -1,4 +1,10 @@
-"""SmolLM2-135M-Instruct end to end, against transformers' generate (the oracle)."""
+"""SmolLM2-135M-Instruct end to end, against transformers' generate (the oracle).
+
+Tests that take `scheduling` run twice on the same engine: synchronous steps (the CPU default) and
+async scheduling (the GPU/TPU default: step N+1 is dispatched before step N's ids reach the host).
+"""
+
+import functools
 
 import pytest
 import torch
@@ -21,6 +27,17 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def scheduling(request, smollm2_llm):
+    engine = smollm2_llm.engine
+    before = engine.async_scheduling
+    engine.async_scheduling = request.param
+    yield request.param
+    assert not engine.has_unfinished
+    engine.async_scheduling = before
+
+
+@functools.lru_cache(maxsize=None)
 def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -29,7 +46,7 @@ def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_greedy_tokens_equal_transformers(smollm2_llm, hf_smollm2):
+def test_greedy_tokens_equal_transformers(smollm2_llm, hf_smollm2, scheduling):
     model, tokenizer = hf_smollm2
     engine = smollm2_llm.engine
     preemptions_before = engine.scheduler.num_preemptions
@@ -52,7 +69,7 @@ def test_chat_answers_capital_question(smollm2_llm):
     assert output.outputs[0].finish_reason == "stop"  # <|im_end|> is the EOS token
 
 
-def test_seeded_sampling_is_batch_independent(smollm2_llm):
+def test_seeded_sampling_is_batch_independent(smollm2_llm, scheduling):
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=24)
     alone = smollm2_llm.generate("Tell me a story about a dragon.", params, use_tqdm=False)[0]
     others = [SamplingParams(temperature=t, top_k=k, max_tokens=m, seed=None)
@@ -70,7 +87,7 @@ def test_seeded_sampling_is_batch_independent(smollm2_llm):
     assert different.outputs[0].token_ids != alone.outputs[0].token_ids
 
 
-def test_no_compiles_after_warmup(smollm2_llm):
+def test_no_compiles_after_warmup(smollm2_llm, scheduling):
     """The recompilation tripwire: a varied workload after warm-up compiles nothing."""
     workloads = [
         (["Hi"], SamplingParams(temperature=0, max_tokens=3)),

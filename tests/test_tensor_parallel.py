@@ -120,8 +120,9 @@ def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
                 page_indices=page_indices, cu_q_lens=np.array(cu, np.int32),
                 num_seqs=np.array([num_seqs], np.int32),
                 logits_indices=np.array(cu[1:], np.int32) - 1)
-            logits, _, runner.kv_pages = runner._forward(runner.params, runner.kv_pages,
-                                                         token_ids, metadata)
+            logits, _, runner.kv_pages = runner._forward(
+                runner.params, runner.kv_pages, token_ids, np.full(len(token_ids), -1, np.int32),
+                runner._last_token_ids, metadata)
             if logits.sharding != plan.replicated:
                 errors.append(f"TP={tp} logits sharding {logits.sharding} is not replicated")
             if tp == max(tp_sizes):  # the engine's sampler on replicated logits (compiled once)
@@ -267,8 +268,9 @@ def test_gpu_8b_tp2_greedy_equals_tp1():
                 page_indices=np.arange(8, dtype=np.int32)[None],
                 cu_q_lens=np.array([0, len(new)], np.int32), num_seqs=np.array([1], np.int32),
                 logits_indices=np.array([len(new) - 1], np.int32))
-            logits, _, runner.kv_pages = runner._forward(runner.params, runner.kv_pages,
-                                                         token_ids, metadata)
+            logits, _, runner.kv_pages = runner._forward(
+                runner.params, runner.kv_pages, token_ids, np.full(len(token_ids), -1, np.int32),
+                runner._last_token_ids, metadata)
             sampled = runner._sample(logits, empty_sampling_tensors(1, 1), apply_penalties=False,
                                      num_top_logprobs=MAX_LOGPROBS)
             logits_seen.append(np.asarray(logits, np.float32)[0])
