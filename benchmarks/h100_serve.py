@@ -226,6 +226,8 @@ def main(argv=None) -> int:
                 args, url, model, f"c={args.concurrency}", workload(args, args.num_prompts, args.seed),
                 concurrency=args.concurrency, limit=limit)
             save()
+        else:
+            report["notes"].append(f"ShareGPT-like at {args.concurrency} streams skipped: --deadline")
         sweep(args, url, model, report, save)
         report["compiles_after_run"] = compile_counts(url)
     except (Exception, KeyboardInterrupt, SystemExit) as error:  # stop the server, save, report

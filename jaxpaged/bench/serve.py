@@ -192,18 +192,22 @@ def launch_server(serve_args: list[str], timeout: float = 900, *, env: dict | No
         log.close()  # the child holds its own copy
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = open(log_path).read() if log_path else process.stderr.read()
-            raise RuntimeError(f"the server exited: {output[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"the server did not become healthy within {timeout:.0f} s")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                output = open(log_path).read() if log_path else process.stderr.read()
+                raise RuntimeError(f"the server exited: {output[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return process, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the server did not become healthy within {timeout:.0f} s")
+    except BaseException:  # timed out, or we were interrupted: no orphaned server
+        process.kill()
+        process.wait()
+        raise
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 60) -> int | None:
