@@ -12,8 +12,10 @@ One process tree, one device call (~8 minutes at the defaults), results in --out
    over --concurrency streams: median TPOT and TTFT against the targets (<= 7.5 ms, <= 60 ms).
 4. A Poisson request-rate sweep, same dataset: each --rates level sends rate x --rate-seconds
    requests (within [--rate-min-requests, --rate-max-requests]); the sweep stops past saturation
-   (a level that hit its --level-seconds limit, or whose throughput grew < 1.2x over the previous
-   level's) and ends with every request at once (`inf`: the saturated throughput).
+   (a level that hit its --level-seconds limit, finished under half its offered rate, or whose
+   throughput grew < 1.2x over the previous level's; throughput counts the drain after the last
+   arrival, so even an unsaturated level shows somewhat less than offered) and ends with every
+   request at once (`inf`: the saturated throughput).
 5. SIGTERM the server and check it exits cleanly; write `h100_serve.json` and `h100_serve.md`.
 
 Requests unfinished at a time limit are cancelled and counted as failed, so a truncated level's
@@ -172,7 +174,8 @@ def sweep(args, url: str, model: str, report: dict, save) -> None:
         save()
         row, previous = rows[-1], rows[-2] if len(rows) > 1 else None
         grew = previous is None or row["request_throughput"] >= 1.2 * previous["request_throughput"]
-        if math.isfinite(rate) and (row.get("truncated") or not grew):
+        kept_up = row["request_throughput"] >= 0.5 * rate
+        if math.isfinite(rate) and (row.get("truncated") or not grew or not kept_up):
             report["saturated_at_rate"] = rate
             if levels[i + 1:-1]:
                 report["notes"].append(f"past saturation at {rate:g} req/s: skipped rates "
