@@ -58,7 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--load-format", default="dummy")
-    parser.add_argument("--vocab-size", type=int, default=128256, help="prompt token ids below it")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="prompt token ids below it (default: the model's vocabulary)")
     engine = parser.add_argument_group("engine (jaxpaged serve flags)")
     engine.add_argument("--dtype", default="auto")
     engine.add_argument("--max-model-len", type=int, default=2048)
@@ -88,12 +89,16 @@ def parse_args(argv=None):
         tiny = Path(args.out_dir) / "tiny-llama"
         tiny.mkdir(parents=True, exist_ok=True)
         (tiny / "config.json").write_text(json.dumps(TINY_CONFIG))
-        args.model, args.vocab_size, args.dtype = str(tiny), TINY_CONFIG["vocab_size"], "float32"
+        args.model, args.dtype = str(tiny), "float32"
         args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens = 128, 8, 64
         args.token_buckets, args.max_input_len, args.max_output_len = [16, 64], 48, 12
         args.num_prompts, args.rates, args.rate_seconds = 8, [20, 80], 0.3
         args.rate_min_requests, args.rate_max_requests = 4, 16
         args.concurrency_seconds, args.level_seconds, args.server_timeout = 60, 30, 300
+    if args.vocab_size is None:
+        from jaxpaged.model_source import resolve_model
+
+        args.vocab_size = resolve_model(args.model, args.load_format).hf_config().vocab_size
     return args
 
 
