@@ -173,3 +173,52 @@ def test_offline_throughput_smoke(capsys):
     assert offline_throughput.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "c=  1" in out and "c=  4" in out and "speedup" in out and "decode" in out
+
+
+def test_bench_serve_time_limit_cancels_and_frees(server_url):
+    """Requests unfinished at `max_seconds` are cancelled (the server aborts them) and counted."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from jaxpaged.bench.serve import run_benchmark
+
+    requests = random_requests(4, 12, 100, 0.0, vocab_size=49152, seed=5)  # max_model_len 128
+    model = httpx.get(f"{server_url}/v1/models").json()["data"][0]["id"]
+    result = asyncio.run(run_benchmark(server_url, model, requests, max_concurrency=2,
+                                       ignore_eos=True, max_seconds=0.3))
+    assert result["truncated"] and result["unfinished"] >= 2
+    assert result["completed"] + result["failed"] == 4 and result["failed"] >= result["unfinished"]
+    assert any("unfinished after" in e for e in result["errors"])
+    deadline = time.monotonic() + 30  # the server notices the disconnects and frees the pages
+    while True:
+        metrics = httpx.get(f"{server_url}/metrics").text
+        running = [line for line in metrics.splitlines()
+                   if line.startswith("jaxpaged:num_requests_running")]
+        if running and float(running[0].rsplit(" ", 1)[1]) == 0:
+            break
+        assert time.monotonic() < deadline, running
+        time.sleep(0.2)
+
+
+def test_h100_serve_smoke(tmp_path, capsys):
+    import h100_serve
+
+    assert h100_serve.verdict(9.0, 7.5) == "missed by 1.5 ms (1.20x the target)"
+    assert h100_serve.verdict(50.0, 60.0).startswith("met")
+    assert h100_serve.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "h100_serve.json").read_text())
+    expected = sharegpt_like_requests(8, vocab_size=512, seed=0, max_input_len=48, max_output_len=12)
+    streams = report["concurrency"]
+    assert streams["completed"] == 8 and streams["failed"] == 0 and streams["max_concurrency"] == 4
+    assert streams["total_output_tokens"] == sum(r.output_len for r in expected)  # EOS ignored
+    assert streams["total_input_tokens"] == sum(len(r.prompt_token_ids) for r in expected)
+    # 2 token buckets + 4 sampler variants + the scorer at start-up; serving compiles nothing
+    assert report["compiles_after_run"] == {"warmup_programs": 7, "compiles_after_warmup": 0}
+    assert [row["request_rate"] for row in report["rate_sweep"]][-1] == "inf"
+    assert all(row["failed"] == 0 for row in report["rate_sweep"])
+    assert report["server_clean_exit"]
+    markdown = (tmp_path / "h100_serve.md").read_text()
+    assert "| median TPOT |" in markdown and "<= 7.5 ms" in markdown and "rate sweep" in markdown
+    assert "rate inf" in capsys.readouterr().out

@@ -471,6 +471,10 @@ def test_metrics(served):
     assert "jaxpaged:num_preemptions_total" in m
     # The same prompts were sent many times: some of their tokens came from the prefix cache.
     assert m["jaxpaged:prefix_cache_queries_total"] >= m["jaxpaged:prefix_cache_hits_total"] > 0
+    assert m["jaxpaged:warmup_programs"] == served.engine.num_compiles > 0
+    # Counted from the server's start; this test process also runs the engine directly, so only
+    # its presence is checked here (tests/test_benchmarks.py checks it is 0 in a server process).
+    assert m["jaxpaged:compiles_after_warmup"] >= 0
 
 
 def test_cli_serve_flags():

@@ -4,7 +4,9 @@ Requests go to `POST {base_url}/v1/completions` with `stream: true`, the prompt 
 as text, decoded with `--tokenizer`), `ignore_eos` when asked, and `stream_options.include_usage`
 so the server's own count of output tokens is used. Arrivals are a Poisson process at
 `--request-rate` (req/s; `inf` sends everything at once), optionally capped at `--max-concurrency`
-requests in flight; the arrival times are seeded. While the run lasts, `/metrics` is polled for
+requests in flight; the arrival times are seeded. With `max_seconds`, requests still unfinished
+then are cancelled (their connections close, so the server aborts them) and count as failed. While
+the run lasts, `/metrics` is polled for
 the KV-cache usage gauge and the prefix-cache counters (jaxpaged's or vLLM's names); a server
 without them just leaves those fields empty.
 """
@@ -103,7 +105,7 @@ async def read_metrics(client: httpx.AsyncClient, base_url: str) -> dict[str, fl
 async def run_benchmark(base_url: str, model: str, requests: list[BenchRequest], *,
                         request_rate: float = math.inf, max_concurrency: int | None = None,
                         ignore_eos: bool = False, prompts: list | None = None, seed: int = 0,
-                        api_key: str | None = None) -> dict:
+                        api_key: str | None = None, max_seconds: float | None = None) -> dict:
     """Sends the requests, returns the summary. `prompts` (text) replaces the token ids if given."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     records = [RequestRecord(len(r.prompt_token_ids)) for r in requests]
@@ -123,22 +125,36 @@ async def run_benchmark(base_url: str, model: str, requests: list[BenchRequest],
 
         tasks = []
         start = time.perf_counter()
+        end = start + max_seconds if max_seconds is not None else math.inf
         for i, (request, record, gap) in enumerate(zip(requests, records, gaps)):
             if gap:
                 await asyncio.sleep(gap)
+            if time.perf_counter() >= end:
+                break
             body = {"model": model, "max_tokens": request.output_len, "temperature": 0.0,
                     "stream": True, "stream_options": {"include_usage": True},
                     "prompt": prompts[i] if prompts is not None else request.prompt_token_ids}
             if ignore_eos:
                 body["ignore_eos"] = True
             tasks.append(asyncio.create_task(limited(body, record)))
-        await asyncio.gather(*tasks)
+        pending = set()
+        if tasks:
+            timeout = None if max_seconds is None else max(0.0, end - time.perf_counter())
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         duration = time.perf_counter() - start
         stop.set()
         await poller
         final = await read_metrics(client, base_url)
     extra = {"request_rate": request_rate if math.isfinite(request_rate) else "inf",
              "max_concurrency": max_concurrency, "peak_kv_usage": state.get("peak_kv_usage")}
+    if max_seconds is not None:
+        unfinished = [r for r in records if r.error is None and r.latency is None]
+        for record in unfinished:
+            record.error = f"unfinished after the {max_seconds:.0f} s limit"
+        extra.update(truncated=bool(unfinished), unfinished=len(unfinished))
     hits, queries = _first(final, _HITS), _first(final, _QUERIES)
     if hits is not None and queries is not None:
         queries -= _first(base, _QUERIES) or 0.0
@@ -158,35 +174,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_server(serve_args: list[str], timeout: float = 900) -> tuple[subprocess.Popen, str]:
+def launch_server(serve_args: list[str], timeout: float = 900, *, env: dict | None = None,
+                  log_path: str | None = None) -> tuple[subprocess.Popen, str]:
     """Starts `jaxpaged serve SERVE_ARGS` on a free local port; returns (process, base URL)
-    once /health answers."""
+    once /health answers. The child runs this checkout's jaxpaged (installed or not) with `env`
+    (default: ours); its output goes to `log_path` if given."""
     port = free_port()
     command = [sys.executable, "-m", "jaxpaged.cli", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--uvicorn-log-level", "warning", *serve_args]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), root) if p)
+    log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, stdout=log or subprocess.DEVNULL,
+                               stderr=log or subprocess.PIPE, text=True, env=env)
+    if log:
+        log.close()  # the child holds its own copy
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"the server did not become healthy within {timeout:.0f} s")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                output = open(log_path).read() if log_path else process.stderr.read()
+                raise RuntimeError(f"the server exited: {output[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return process, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the server did not become healthy within {timeout:.0f} s")
+    except BaseException:  # timed out, or we were interrupted: no orphaned server
+        process.kill()
+        process.wait()
+        raise
 
 
-def stop_server(process: subprocess.Popen) -> None:
+def stop_server(process: subprocess.Popen, timeout: float = 60) -> int | None:
+    """SIGTERM, then SIGKILL after `timeout` s; the exit code, or None if it had to be killed."""
     process.terminate()
     try:
-        process.wait(timeout=60)
+        return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
+        return None
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -198,7 +230,7 @@ def main(args, command: str) -> int:
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError("--max-concurrency must be a positive integer")
     base_url = args.base_url.rstrip("/")
-    model = args.model or _served_model(base_url, args.api_key)
+    model = args.model or served_model(base_url, args.api_key)
     requests = make_requests(args, args.vocab_size)
     prompts = None
     if args.tokenizer:
@@ -218,7 +250,7 @@ def main(args, command: str) -> int:
     return 0 if result["failed"] == 0 else 1
 
 
-def _served_model(base_url: str, api_key: str | None) -> str:
+def served_model(base_url: str, api_key: str | None) -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30)

@@ -107,7 +107,8 @@ class EventStream:
 
 class OpenAIServer:
     def __init__(self, async_engine: AsyncEngine, *, served_model_names: list[str] | None = None,
-                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 compile_count=None):
         engine = async_engine.engine
         self.async_engine = async_engine
         self.tokenizer = engine.tokenizer
@@ -119,6 +120,7 @@ class OpenAIServer:
         self.fingerprint = system_fingerprint(engine)
         self.metrics = ServerMetrics(names[0])
         self.metrics.watch(lambda: async_engine.stats)
+        self.metrics.watch_compiles(engine.num_compiles, compile_count)
         async_engine.metrics = self.metrics
         self.token_text = fmt.TokenText(self.tokenizer)
         self.created = int(time.time())

@@ -43,6 +43,10 @@ class ServerMetrics:
                                              ITL_BUCKETS)
         self.e2e_latency = histogram("jaxpaged:e2e_request_latency_seconds",
                                      "Arrival to finish (or abort).", E2E_BUCKETS)
+        self.warmup_programs = gauge("jaxpaged:warmup_programs",
+                                     "Programs the engine compiled at start-up.")
+        self.compiles_after_warmup = gauge("jaxpaged:compiles_after_warmup",
+                                           "XLA compilations since the server started (should stay 0).")
         finished = Counter("jaxpaged:request_success", "Finished sequences by finish reason.",
                            labelnames=["model_name", "finished_reason"], registry=self.registry)
         self._finished = {reason: finished.labels(model_name, reason) for reason in FINISH_REASONS}
@@ -52,6 +56,14 @@ class ServerMetrics:
         self.num_running.set_function(lambda: stats().num_running)
         self.num_waiting.set_function(lambda: stats().num_waiting)
         self.kv_usage.set_function(lambda: stats().kv_usage)
+
+    def watch_compiles(self, warmup_programs: int, compile_count=None) -> None:
+        """`compile_count()`: compilations since the server started; without it the gauge is NaN."""
+        self.warmup_programs.set(warmup_programs)
+        if compile_count is None:
+            self.compiles_after_warmup.set(float("nan"))
+        else:
+            self.compiles_after_warmup.set_function(compile_count)
 
     def count_finished(self, reasons) -> None:
         for reason in reasons:
