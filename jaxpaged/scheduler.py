@@ -8,7 +8,8 @@ prefill its prompt plus what it had generated.
 
 With prefix caching, a request admitted from the queue first takes the cached pages of its longest
 cached prefix (whole pages, always leaving at least one token to compute, whose logits it needs),
-and every page that becomes full and computed is offered to the cache.
+and every page that becomes full is offered to the cache as soon as the step computing it is
+dispatched (a request admitted in a later step can share it; one in the same step cannot).
 
 A step's life: `schedule()` picks the batch, `commit(batch)` records it as running on the device
 (its tokens count as computed; a request whose chunk reached its end has a token *pending*), and
@@ -154,6 +155,9 @@ class Scheduler:
                 request.pending_row = row
             batch.samples.append(samples)
             batch.epochs.append(request.num_preemptions)
+            # Offered to the cache now, not when the ids come back: any later step that reads
+            # these pages runs after this one has written them.
+            self._register_full_pages(request)
 
     def update(self, batch: ScheduledBatch, sampled_token_ids) -> list[Request]:
         """Records the step's results; returns the requests that received a new token.
