@@ -230,6 +230,8 @@ def ragged_paged_attention_gpu(
         raise ValueError(f"unknown decode options {sorted(unknown)} for decode_impl={decode_impl!r}; "
                          f"valid: {sorted(defaults)}")
     dec = {**defaults, **(decode or {})}
+    if decode_impl == "triton":
+        triton_decode.check_options(**dec)
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2

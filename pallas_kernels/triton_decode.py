@@ -207,6 +207,15 @@ def supports(page_size: int, head_dim: int) -> bool:
     return head_dim >= 16 and head_dim == _next_pow2(head_dim) and page_size == _next_pow2(page_size)
 
 
+def check_options(*, merge="fused", block_n=None, num_splits=None, **_):
+    if merge not in ("fused", "kernel"):
+        raise ValueError(f"merge must be 'fused' or 'kernel', got {merge!r}")
+    if block_n is not None and (block_n < 16 or block_n != _next_pow2(block_n)):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+
 def decode_attention_triton(
     out,  # [T, num_q_heads, head_dim] the op's output; decode rows are written into it
     q,  # [T, num_q_heads, head_dim]
@@ -232,8 +241,7 @@ def decode_attention_triton(
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
     num_seqs_max, pages_per_seq = page_indices.shape
-    if merge not in ("fused", "kernel"):
-        raise ValueError(f"merge must be 'fused' or 'kernel', got {merge!r}")
+    check_options(merge=merge, block_n=block_n, num_splits=num_splits)
     if not supports(page_size, head_dim):
         raise ValueError(f"the Triton decode kernel needs power-of-two page_size and head_dim >= 16, "
                          f"got page_size={page_size}, head_dim={head_dim}")

@@ -187,3 +187,10 @@ def test_compiled_op_matches_reference(dtype, atol, page_size, heads, head_dim):
         *a, q_block_size=16, pages_per_kv_block=2, decode_impl="triton", **static))(*args)
     assert_close(got, want, atol)
     np.testing.assert_array_equal(np.asarray(got_kv, np.float32), np.asarray(want_kv, np.float32))
+
+
+def test_bench_smoke_triton():
+    res = subprocess.run([sys.executable, "benchmarks/gpu_kernel_bench.py", "--smoke", "--interpret", "--decode-impl",
+                          "triton", "--kernel-only", "--no-ref"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert " triton " in res.stdout and " triton_kernel " in res.stdout
