@@ -20,6 +20,7 @@ import pytest
 
 pytest.importorskip("triton", reason="the Triton kernel needs the triton package (pip install triton==3.6.0)")
 
+from pallas_kernels import get_kv_cache_shape  # noqa: E402
 from pallas_kernels.gpu import ragged_paged_attention_gpu  # noqa: E402
 from pallas_kernels.reference import ragged_paged_attention_reference  # noqa: E402
 from test_reference_attention import BF16, F32, make_batch, oracle  # noqa: E402
@@ -124,14 +125,36 @@ def test_bad_options_are_clear_errors():
 # rows untouched); that compiles only the reference and the Triton kernel per case.
 
 GPU_MIXED = [(1, 33), (0, 40), (65, 65), (1, 900), (17, 129), (1, 1), (1, 4097)]
-GPU_DECODES = [(1, 100), (1, 513), (1, 2000), (1, 1), (1, 30000), (1, 64)]
+GPU_DECODES = [(1, 100), (1, 513), (1, 2000), (1, 1), (1, 16000), (1, 64)]
+
+
+def gpu_batch(seqs, *, num_q_heads, num_kv_heads, head_dim, page_size, dtype, seed=0):
+    """seqs: list of (q_len, kv_len), plus 5 padding tokens and a padding sequence. Only pages
+    some sequence uses exist (long contexts stay cheap); every slot outside a length is NaN."""
+    rng = np.random.default_rng(seed)
+    owned = [-(-kl // page_size) for _, kl in seqs]
+    num_pages = sum(owned) + 3
+    pages_per_seq = max(owned) + 1
+    page_indices = rng.integers(0, num_pages, (len(seqs) + 1, pages_per_seq))  # spare columns: garbage ids
+    page_indices[:-1, :max(owned)] = -1
+    perm, taken = rng.permutation(num_pages), 0
+    kv = np.full(get_kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim), np.nan, np.float32)
+    for i, (_, kl) in enumerate(seqs):
+        page_indices[i, : owned[i]] = perm[taken : taken + owned[i]]
+        taken += owned[i]
+        pos = np.arange(kl)
+        kv[page_indices[i, pos // page_size], pos % page_size] = rng.standard_normal((kl, 2 * num_kv_heads, head_dim))
+    num_tokens = sum(ql for ql, _ in seqs) + 5
+    cu = np.concatenate([[0], np.cumsum([ql for ql, _ in seqs]), [num_tokens - 5]])
+    r = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    return (r(num_tokens, num_q_heads, head_dim), r(num_tokens, num_kv_heads, head_dim), r(num_tokens, num_kv_heads, head_dim),
+            jnp.asarray(kv, dtype), jnp.asarray([kl for _, kl in seqs] + [0], jnp.int32), jnp.asarray(page_indices, jnp.int32),
+            jnp.asarray(cu, jnp.int32), jnp.asarray([len(seqs)], jnp.int32))
 
 
 def gpu_case(seqs, *, dtype, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16, **static):
-    from test_gpu_kernel import make_batch as gpu_batch  # NaN in unused pages, padding tokens + sequence
-
     args = gpu_batch(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                     page_size=page_size, dtype=dtype, pad_tokens=5, pad_seqs=1)
+                     page_size=page_size, dtype=dtype)
     static = dict(sm_scale=head_dim**-0.5, **static)
     want, want_kv = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **static))(*args)
     return args, static, want, want_kv
