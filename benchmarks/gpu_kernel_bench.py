@@ -200,8 +200,8 @@ def main():
             measure_row(kind, batch, q_len, ctx, page, "ref", {})
     if a.sweep_triton and not a.smoke:
         for batch, ctx in ((32, 2048), (32, 8192)):  # two of the shapes below target with Pallas
-            for dec in (dict(num_stages=1), dict(block_n=64), dict(num_warps=8), dict(merge="kernel"),
-                        dict(num_splits="x2"), dict(num_splits=1)):
+            for dec in (dict(block_n=128), dict(num_stages=2), dict(num_stages=4), dict(num_warps=8),
+                        dict(merge="kernel"), dict(num_splits="x2"), dict(num_splits=1)):
                 if dec.get("num_splits") == "x2":  # twice the default split count: ~4 waves
                     from pallas_kernels.triton_decode import default_block_n, num_splits_for
 
