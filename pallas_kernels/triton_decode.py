@@ -10,7 +10,8 @@ dominated by fixed per-op costs rather than by bytes:
 - Grid (sequence, kv head, split): a program whose sequence is padding or a prefill does no work.
   The kv head's group of q heads forms the M rows of one tile (max(16, group padded to a power of
   two): Triton's smallest dot), so K and V are read once per group. Each loop iteration gathers
-  `block_n` keys through the page table (one page id per key, cached in L1).
+  `block_n` keys through the page table (one page id per key, cached in L1, loaded an iteration
+  ahead so that Triton's pipeliner multi-buffers the K/V loads).
 - Output rows are written in place into the op's output (aliased input -> output), so no scatter.
 - When sequences x kv heads would leave SMs idle, each sequence's keys are cut into `num_splits`
   ranges (flash-decoding). merge="fused": every program stores its partial output and
