@@ -205,8 +205,10 @@ def default_block_n(head_dim: int, itemsize: int) -> int:
 
 
 def num_splits_for(num_seqs_max: int, num_kv_heads: int, max_iters: int) -> int:
-    """Enough programs for about two waves over the SMs, never more splits than iterations."""
-    want = -(-2 * NUM_SMS // (num_seqs_max * num_kv_heads))
+    """Enough programs for about four per SM (three fit at once with the default tiles, so the
+    last wave is not mostly idle), never more splits than iterations; splits are cheap: one
+    partial row per program and the merge in the last one."""
+    want = -(-4 * NUM_SMS // (num_seqs_max * num_kv_heads))
     return max(1, min(want, max_iters, 32))
 
 
