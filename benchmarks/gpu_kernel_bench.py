@@ -8,12 +8,19 @@ ratio to the copy bandwidth; prefill reports TFLOP/s (causal: only attended keys
 ratio to the matmul rate. The pure-jnp reference is timed where it runs in reasonable time.
 `--sweep` adds page-size and decode tile/pipelining variants for a few shapes.
 
+`--decode-impl pallas triton` times both decode kernels of the op (`decode_impl=`) on the same
+shapes in one run; `--kernel-only` adds the Triton decode kernel alone (no KV write, no prefill
+path, no metadata ops) for batch 1 and 32, which separates the kernel from the op's fixed costs;
+`--sweep-triton` adds Triton tile/pipelining/split variants; `--md` writes a side-by-side table.
+
     python benchmarks/gpu_kernel_bench.py --sweep --out results.json
-    python benchmarks/gpu_kernel_bench.py --smoke --interpret   # tiny, CPU
+    python benchmarks/gpu_kernel_bench.py --decode-only --no-ref --decode-impl pallas triton --out r.json --md r.md
+    python benchmarks/gpu_kernel_bench.py --smoke --interpret [--decode-impl pallas triton]   # tiny, CPU
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -93,13 +100,24 @@ def make_args(batch, q_len, ctx, *, hq, hkv, d, page_size, dtype, seed=0):
             jnp.arange(batch + 1, dtype=jnp.int32) * q_len, jnp.asarray([batch], jnp.int32))
 
 
+def triton_kernel_only(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, interpret, sm_scale, decode=None):
+    """The Triton decode kernel alone on the cache as it is (the KV write is not part of it)."""
+    from pallas_kernels.triton_decode import decode_attention_triton
+
+    out = decode_attention_triton(jnp.zeros_like(q), q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                  sm_scale=sm_scale, interpret=interpret, **(decode or {}))
+    return out, kv_pages
+
+
 def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype, rounds, interpret, ceilings, loop):
     args = make_args(batch, q_len, ctx, hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=dtype)
     static = dict(sm_scale=d**-0.5)
     if impl == "ref":
         op = lambda *x: ragged_paged_attention_reference(*x, **static)
-    else:
-        op = lambda *x: ragged_paged_attention_gpu(*x, interpret=interpret, **static, **opts)
+    elif impl == "triton_kernel":
+        op = lambda *x: triton_kernel_only(*x, interpret=interpret, **static, **opts)
+    else:  # "pallas" / "triton": the whole op with that decode kernel
+        op = lambda *x: ragged_paged_attention_gpu(*x, interpret=interpret, decode_impl=impl, **static, **opts)
     fn = jax.jit(looped(op, loop) if loop > 1 else op, donate_argnums=3)
     t, args = seconds_per_call(fn, args, calls=10 if kind == "decode" else 5, rounds=rounds, carry=3)
     t /= max(loop, 1)
@@ -113,7 +131,7 @@ def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype
     row = dict(kind=kind, batch=batch, q_len=q_len, ctx=ctx, page_size=page_size, impl=impl, loop=loop,
                opts={k: v for k, v in opts.items()}, ms=t * 1e3, gbps=nbytes / t / 1e9,
                of_copy=nbytes / t / ceilings["copy"], tflops=flops / t / 1e12, of_matmul=flops / t / ceilings["matmul"])
-    print(f"{kind:8} {batch:5} {q_len:5} {ctx:6} {page_size:4} {impl:6} {json.dumps(row['opts']):58} "
+    print(f"{kind:8} {batch:5} {q_len:5} {ctx:6} {page_size:4} {impl:13} {json.dumps(row['opts']):58} "
           f"{row['ms']:9.3f} {row['gbps']:8.1f} {row['of_copy']:6.2f} {row['tflops']:7.1f} {row['of_matmul']:5.2f}", flush=True)
     return row
 
@@ -128,8 +146,16 @@ def main():
     ap.add_argument("--decode-only", action="store_true")
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--loop", type=int, default=20, help="op applications per timed program (1: one jitted call each)")
+    ap.add_argument("--decode-impl", nargs="+", default=["pallas"], choices=["pallas", "triton"],
+                    help="decode kernels of the op to time, each on every shape")
+    ap.add_argument("--kernel-only", action="store_true", help="also the Triton decode kernel alone (batch 1, 32)")
+    ap.add_argument("--sweep-triton", action="store_true", help="also Triton decode tile/pipelining/split variants")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--md", type=Path, help="also write a markdown table of the decode rows, impls side by side")
     a = ap.parse_args()
+    if a.interpret and ("triton" in a.decode_impl or a.kernel_only):
+        # Triton's interpreter is chosen when triton is imported (lazily, by the first Triton op).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = jnp.bfloat16
     if a.smoke:
         hq, hkv, d, rounds, page = 4, 2, 64, 1, 16
@@ -142,7 +168,7 @@ def main():
         ceilings = dict(copy=copy_bandwidth(4 << 30, rounds), matmul=matmul_rate(8192, rounds))
     device = jax.devices()[0].device_kind
     print(f"device: {device}  copy bandwidth: {ceilings['copy'] / 1e9:.1f} GB/s  bf16 matmul: {ceilings['matmul'] / 1e12:.1f} TFLOP/s")
-    print(f"{'kind':8} {'batch':>5} {'q_len':>5} {'ctx':>6} {'page':>4} {'impl':6} {'opts':58} {'ms':>9} {'GB/s':>8} "
+    print(f"{'kind':8} {'batch':>5} {'q_len':>5} {'ctx':>6} {'page':>4} {'impl':13} {'opts':58} {'ms':>9} {'GB/s':>8} "
           f"{'/copy':>6} {'TFLOP/s':>7} {'/mm':>5}")
     rows = []
 
@@ -161,12 +187,23 @@ def main():
             print(f"FAILED {args}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             rows.append(dict(zip(("kind", "batch", "q_len", "ctx", "page_size", "impl", "opts"), args), error=str(e)[:300]))
         save()
+        if a.md:
+            a.md.write_text(markdown_table(rows, device, ceilings))
 
     for kind, batch, q_len, ctx in cases:
         opts = dict(q_block_size=4) if a.smoke and kind == "prefill" else {}
-        measure_row(kind, batch, q_len, ctx, page, "pallas", opts)
+        for impl in a.decode_impl if kind == "decode" else a.decode_impl[:1]:
+            measure_row(kind, batch, q_len, ctx, page, impl, opts)
+        if a.kernel_only and kind == "decode" and batch in (1, 2, 32):
+            measure_row(kind, batch, q_len, ctx, page, "triton_kernel", {})
         if not a.no_ref and (kind == "prefill" or batch * ctx <= 32 * 8192):  # the reference is slow
             measure_row(kind, batch, q_len, ctx, page, "ref", {})
+    if a.sweep_triton and not a.smoke:
+        for batch, ctx in ((32, 2048), (32, 8192)):  # two of the shapes below target with Pallas
+            # Default for these shapes: 3 splits (about 4 programs per SM), 64-key tiles, 3 stages.
+            for dec in (dict(block_n=128), dict(num_stages=2), dict(num_stages=4), dict(num_warps=8),
+                        dict(merge="kernel"), dict(num_splits=1), dict(num_splits=2), dict(num_splits=6)):
+                measure_row("decode", batch, 1, ctx, page, "triton", dict(decode=dec))
     if a.sweep and not a.smoke:
         for batch, ctx in ((32, 8192), (128, 2048)):
             for page_size in (16, 128):
@@ -177,6 +214,26 @@ def main():
         for bq, ppb, warps, stages in ((16, 1, 4, 2), (32, 1, 8, 2)):
             opts = dict(q_block_size=bq, pages_per_kv_block=ppb, num_warps=warps, num_stages=stages)
             measure_row("prefill", 1, 2048, 2048, page, "pallas", opts)
+
+
+def markdown_table(rows, device, ceilings):
+    """Decode rows with default options, one line per shape, impls side by side."""
+    impls = [i for i in ("pallas", "triton", "triton_kernel") if any(r.get("impl") == i for r in rows)]
+    cell = {(r["batch"], r["ctx"], r["impl"]): r for r in rows
+            if r.get("kind") == "decode" and not r.get("opts") and "error" not in r}
+    shapes = sorted({(b, c) for b, c, _ in cell})
+    head = " | ".join(f"{i} ms | {i} of copy" for i in impls)
+    lines = [f"Device: {device}; copy {ceilings['copy'] / 1e9:.0f} GB/s. Decode, whole op unless `triton_kernel`.", "",
+             f"| batch | ctx | {head} | pallas / triton |", "| ---: | ---: |" + " ---: | ---: |" * len(impls) + " ---: |"]
+    for b, c in shapes:
+        vals = []
+        for i in impls:
+            r = cell.get((b, c, i))
+            vals += [f"{r['ms']:.3f}", f"{r['of_copy']:.2f}"] if r else ["", ""]
+        p, t = cell.get((b, c, "pallas")), cell.get((b, c, "triton"))
+        ratio = f"{p['ms'] / t['ms']:.2f}" if p and t else ""
+        lines.append(f"| {b} | {c} | " + " | ".join(vals) + f" | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

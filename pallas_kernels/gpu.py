@@ -24,9 +24,12 @@ Compiled (Triton) needs power-of-two block dims (page_size >= 16, head_dim); dot
 broadcast-multiply-sum when a prefill tile dim is below 16. In interpret mode (CPU) any size runs.
 On the H100 (benchmarks/results/gpu_kernel_bench_h100.md) decode reaches 93-101% of the copy
 bandwidth for batch x context >= 32 x 32k / 128 x 8k; smaller ops are dominated by a fixed cost of
-~0.12 ms outside the kernel bodies. Pallas-Triton is the default because it is the only GPU
-approach measured so far: the second one the issue asks for (jax_triton or Mosaic GPU) is not
-written yet.
+~0.12 ms outside the kernel bodies.
+
+`decode_impl` picks the decode kernel: "pallas" (`gpu_decode.py`, the default) or "triton"
+(`triton_decode.py`: official Triton through jax_triton, reading the raw metadata and writing the
+output rows in place, split merge fused into the same launch). KV write and prefill are the same
+for both. "pallas" stays the default until the H100 numbers of both are in.
 """
 
 import functools
@@ -177,6 +180,7 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
 # ---- the public op --------------------------------------------------------------------------
 
 DECODE_DEFAULTS = dict(pages_per_iter=None, num_splits=None, num_warps=4, num_stages=3)
+DECODE_IMPLS = ("pallas", "triton")
 
 
 @jax.named_scope("ragged_paged_attention_gpu")
@@ -198,6 +202,7 @@ def ragged_paged_attention_gpu(
     num_warps: int = 4,
     num_stages: int = 1,
     decode: dict | None = None,
+    decode_impl: str = "pallas",
     interpret: bool = False,
 ):
     """Writes k/v into kv_pages, then attends; returns (out [T, Hq, D] in q.dtype, new kv_pages).
@@ -206,10 +211,27 @@ def ragged_paged_attention_gpu(
     function; donate kv_pages to update it in place). q_block_size / pages_per_kv_block /
     num_warps / num_stages tune the prefill kernel; `decode` (keys of DECODE_DEFAULTS) the decode
     kernel: pages_per_iter (None: 128 keys per iteration) and num_splits (None: from the grid).
+    decode_impl="triton" runs decode rows through `triton_decode.py` instead; `decode` then takes
+    the keys of `triton_decode.DEFAULTS`.
     """
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     _validate_blocks(q, kv_pages, q_block_size, pages_per_kv_block, interpret)
-    dec = {**DECODE_DEFAULTS, **(decode or {})}
+    if decode_impl not in DECODE_IMPLS:
+        raise ValueError(f"decode_impl must be one of {', '.join(DECODE_IMPLS)}, got {decode_impl!r}")
+    if decode_impl == "triton":
+        # Imported here: the Triton package is only needed (and only installed) for this path.
+        from pallas_kernels import triton_decode
+
+        defaults = triton_decode.DEFAULTS
+    else:
+        defaults = DECODE_DEFAULTS
+    unknown = set(decode or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown decode options {sorted(unknown)} for decode_impl={decode_impl!r}; "
+                         f"valid: {sorted(defaults)}")
+    dec = {**defaults, **(decode or {})}
+    if decode_impl == "triton":
+        triton_decode.check_options(**dec)
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
@@ -250,6 +272,11 @@ def ragged_paged_attention_gpu(
     out_p = out_p.transpose(1, 0, 2, 3)[:, :, :group].reshape(num_tokens, num_q_heads, head_dim)
     prefill_tok = tok_valid & is_prefill[tok_seq]  # [T]
     out = jnp.where(prefill_tok[:, None, None], out_p, jnp.zeros_like(out_p))  # others: unwritten
+    if decode_impl == "triton":  # decode rows written in place into `out`
+        out = triton_decode.decode_attention_triton(
+            out, q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, **dec)
+        return out, kv_pages
 
     # Decode sequences (q_len == 1): slot i is the i-th of them.
     slots = min(num_seqs_max, num_tokens)
