@@ -1,0 +1,124 @@
+"""Does dispatching a step block the host? (async scheduling only pays if it does not)
+
+Builds the runner for a model's shapes with random weights, one decode batch at ctx --context, and
+times, per batch size:
+- `sync`: dispatch + fetch of one step, the queue empty before each;
+- `dispatch (idle)`: the host time of `runner.dispatch` alone, the queue empty;
+- `pipelined`: --steps dispatches back to back (each step's token taken on device from the
+  previous one, as async scheduling does), then one fetch: host time per dispatch, and wall time
+  per step; if dispatch returned at once, the host part is far below the step time;
+- the same pipelined run with the step inputs already on the device (`jax.device_put`), which
+  separates the numpy-to-device transfers from the launch itself.
+
+    python3 benchmarks/dispatch_probe.py --out-dir $OUT             # on the GPU
+    python3 benchmarks/dispatch_probe.py --smoke --out-dir /tmp/p   # CPU, tiny shapes
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def probe(runner, inputs, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    def dispatch(x):
+        return runner.dispatch(x, apply_penalties=False)
+
+    runner.fetch(dispatch(inputs))  # first execution, not timed
+    sync, idle = [], []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        out = dispatch(inputs)
+        middle = time.perf_counter()
+        runner.fetch(out)
+        sync.append(time.perf_counter() - begin)
+        idle.append(middle - begin)
+    # Every decode token comes from the previous step's output, as under async scheduling.
+    chained = inputs._replace(token_src=np.where(np.arange(len(inputs.token_src)) < 1, 0, -1)
+                              .astype(np.int32))
+    result = {"sync_ms": 1e3 * float(np.median(sync)),
+              "dispatch_idle_ms": 1e3 * float(np.median(idle))}
+    for name, x in (("pipelined", chained), ("pipelined_device_inputs", jax.device_put(chained))):
+        begin = time.perf_counter()
+        host = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            out = dispatch(x)
+            host.append(time.perf_counter() - t)
+        runner.fetch(out)
+        wall = time.perf_counter() - begin
+        result[name] = {"dispatch_ms_median": 1e3 * float(np.median(host)),
+                        "dispatch_ms_max": 1e3 * float(np.max(host)),
+                        "wall_ms_per_step": 1e3 * wall / steps}
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.model_source import resolve_model
+    from jaxpaged.models.params import random_params
+    from jaxpaged.request import Request
+    from jaxpaged.runner import ModelRunner
+    from jaxpaged.sampling_params import SamplingParams
+    from jaxpaged.step_inputs import build_step_inputs
+
+    if args.smoke:
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 512}
+        args.batches, args.context, args.steps = [1, 4], 64, 5
+        config, dtype = ModelConfig.from_hf_config(hf), jnp.float32
+    else:
+        config = ModelConfig.from_hf_config(resolve_model(args.model, "dummy").hf_config())
+        dtype = jnp.bfloat16
+    params = random_params(config, dtype)
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
+              "context": args.context, "steps": args.steps, "batches": {}}
+    page_size = 16
+    pages_per_seq = -(-(args.context + 1) // page_size)
+    for batch in args.batches:
+        bucket = max(batch, 16)
+        runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
+                             max_num_seqs=batch, pages_per_seq=pages_per_seq,
+                             max_model_len=args.context + 1, token_buckets=(bucket,),
+                             attention_backend="auto", kv_dtype=dtype)
+        runner.warmup()
+        requests = []
+        for i in range(batch):
+            request = Request(str(i), list(range(1, args.context + 1)),
+                              SamplingParams(temperature=0), seed=i)
+            request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
+            request.num_computed_tokens = args.context - 1
+            requests.append(request)
+        inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
+                                   pages_per_seq=pages_per_seq, history_width=1)
+        row = report["batches"][batch] = probe(runner, inputs, args.steps)
+        print(f"batch {batch}: {json.dumps(row)}", flush=True)
+        del runner
+    (out / "dispatch_probe.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
