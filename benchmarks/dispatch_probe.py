@@ -28,7 +28,7 @@ def probe(runner, inputs, steps: int) -> dict:
     import numpy as np
 
     def dispatch(x):
-        return runner.dispatch(x, apply_penalties=False)
+        return runner.dispatch(x, apply_penalties=False, draw="greedy")
 
     runner.fetch(dispatch(inputs))  # first execution, not timed
     sync, idle = [], []
@@ -59,6 +59,41 @@ def probe(runner, inputs, steps: int) -> dict:
     return result
 
 
+def jax_only(steps: int) -> dict:
+    """The same question for plain jitted matmuls over a big buffer: donated or not, jit or AOT."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jnp.zeros((256 << 20,), jnp.float32)
+    w = jnp.ones((4096, 4096), jnp.bfloat16)
+
+    def body(x, w):
+        y = w
+        for _ in range(8):
+            y = (y @ w) * 0.001
+        return x.at[0].add(y[0, 0].astype(jnp.float32)), y
+
+    donated = jax.jit(body, donate_argnums=0)
+    variants = {"jit": jax.jit(body), "jit_donated": donated,
+                "aot_donated": donated.lower(x, w).compile()}
+    result = {}
+    for name, fn in variants.items():
+        x, y = fn(x, w)
+        jax.block_until_ready(y)
+        host = []
+        begin = time.perf_counter()
+        for _ in range(steps):
+            t = time.perf_counter()
+            x, y = fn(x, w)
+            host.append(time.perf_counter() - t)
+        jax.block_until_ready(y)
+        result[name] = {"dispatch_ms_median": 1e3 * float(np.median(host)),
+                        "wall_ms_per_step": 1e3 * (time.perf_counter() - begin) / steps}
+        print(f"jax-only {name}: {result[name]}", flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", required=True)
@@ -66,10 +101,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--jax-only", action="store_true", help="only the plain-JAX variants")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.jax_only:
+        (out / "dispatch_probe_jax_only.json").write_text(json.dumps(jax_only(args.steps), indent=2))
+        return 0
 
     import jax
     import jax.numpy as jnp
@@ -94,6 +134,7 @@ def main(argv=None) -> int:
         dtype = jnp.bfloat16
     params = random_params(config, dtype)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
+              "attention_backend": args.attention_backend,
               "context": args.context, "steps": args.steps, "batches": {}}
     page_size = 16
     pages_per_seq = -(-(args.context + 1) // page_size)
@@ -102,7 +143,7 @@ def main(argv=None) -> int:
         runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
                              max_num_seqs=batch, pages_per_seq=pages_per_seq,
                              max_model_len=args.context + 1, token_buckets=(bucket,),
-                             attention_backend="auto", kv_dtype=dtype)
+                             attention_backend=args.attention_backend, kv_dtype=dtype)
         runner.warmup()
         requests = []
         for i in range(batch):

@@ -58,7 +58,7 @@ def decode_step(name: str, batch: int, context: int, page_size: int) -> dict:
         requests.append(request)
     inputs = build_step_inputs(requests, [1] * batch, token_bucket=max(batch, 8), max_num_seqs=batch,
                                pages_per_seq=pages_per_seq, history_width=1)
-    seconds = median_seconds(lambda: runner.execute(inputs, apply_penalties=False), 20)
+    seconds = median_seconds(lambda: runner.execute(inputs, apply_penalties=False, draw="greedy"), 20)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     kv_bytes = config.num_layers * batch * context * 2 * config.num_kv_heads * config.head_dim * 2
     del runner, params

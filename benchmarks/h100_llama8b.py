@@ -237,11 +237,12 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
                                pages_per_seq=pages_per_seq, history_width=1)
     forward = runner._forward_programs[bucket]
-    sample = runner._sample_programs[False, False]
+    sample = runner._sample_programs[False, False, "greedy"]
     print(f"decode batch {batch}: compiled; forward {program_bytes(forward)}, sampler "
           f"{program_bytes(sample)}, device {memory_stats()}", flush=True)
     repeats = 5 if args.smoke else 30
-    step = median_seconds(lambda: runner.execute(inputs, apply_penalties=False), repeats)
+    step = median_seconds(lambda: runner.execute(inputs, apply_penalties=False, draw="greedy"),
+                          repeats)
 
     def forward_only():
         logits, _, runner.kv_pages = forward(runner.params, runner.kv_pages, inputs.token_ids,

@@ -64,7 +64,8 @@ def decode_steps(config: ModelConfig, tp: int, batches: list[int], context: int,
             requests.append(request)
         inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
                                    pages_per_seq=pages_per_seq, history_width=1)
-        seconds = median_seconds(lambda: runner.execute(inputs, apply_penalties=False), repeats)
+        seconds = median_seconds(lambda: runner.execute(inputs, apply_penalties=False, draw="greedy"),
+                                  repeats)
         rows.append({"tp": tp, "batch": batch, "context": context, "step_ms": 1e3 * seconds,
                      "compile_seconds": compile_seconds, "programs": compiles,
                      "padding": list(plan.notes)})

@@ -26,7 +26,7 @@ from jaxpaged.models.params import load_params, random_params
 from jaxpaged.pages import PageManager
 from jaxpaged.request import CompletionOutput, Request, RequestOutput
 from jaxpaged.runner import ModelRunner, device_kv_budget, kv_bytes_per_page
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import SamplingParams, draw_kind
 from jaxpaged.scheduler import ScheduledBatch, Scheduler
 from jaxpaged.sharding import ShardingPlan
 from jaxpaged.step_inputs import MAX_BANNED, build_step_inputs
@@ -168,7 +168,8 @@ class Engine:
         penalties = any(r.params.uses_penalties for r in batch.requests)
         logprobs = any(r.params.logprobs is not None for r in batch.requests)
         out = self.runner.dispatch(self._inputs(batch, penalties), apply_penalties=penalties,
-                                   with_logprobs=logprobs)
+                                   with_logprobs=logprobs,
+                                   draw=draw_kind(r.params for r in batch.requests))
         self._record_prompt_logprobs(batch)
         sampled = self.runner.fetch(out)
         advanced = self.scheduler.update(batch, sampled.token_ids)
@@ -180,7 +181,8 @@ class Engine:
         if batch:
             logprobs = any(r.params.logprobs is not None for r in batch.requests)
             out = self.runner.dispatch(self._inputs(batch, False), apply_penalties=False,
-                                       with_logprobs=logprobs)
+                                       with_logprobs=logprobs,
+                                       draw=draw_kind(r.params for r in batch.requests))
             self.scheduler.commit(batch)
             in_flight = (batch, out)
         outputs = self._finish_in_flight()  # waits for the previous step while this one queues

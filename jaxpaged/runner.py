@@ -25,7 +25,7 @@ from jaxpaged.config import ModelConfig
 from jaxpaged.models.llama import forward, token_logprobs
 from jaxpaged.models.params import param_shardings
 from jaxpaged.sampler import SampleOutput, sample
-from jaxpaged.sampling_params import MAX_LOGPROBS
+from jaxpaged.sampling_params import DRAW_KINDS, MAX_LOGPROBS
 from jaxpaged.sharding import ShardingPlan
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
 
@@ -50,9 +50,11 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
-# (apply_penalties, with_logprobs): penalties need the token history, logprobs a log-softmax and a
-# top-k over the vocabulary; most steps need neither, so each costs only where it is used.
-SAMPLER_VARIANTS = tuple((p, lp) for p in (False, True) for lp in (False, True))
+# (apply_penalties, with_logprobs, draw): penalties need the token history, logprobs a log-softmax
+# and a top-k over the vocabulary, "filtered" draws a sort; most steps need none of them, so each
+# costs only where it is used (and the host's choice keeps branches out of the program).
+SAMPLER_VARIANTS = tuple((p, lp, d) for p in (False, True) for lp in (False, True)
+                         for d in DRAW_KINDS)
 
 
 class ModelRunner:
@@ -91,7 +93,7 @@ class ModelRunner:
             in_shardings=(params_sharding, kv_shardings, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shardings), donate_argnames=("kv_pages",))
         self._sample = jax.jit(sample, out_shardings=rep,
-                               static_argnames=("apply_penalties", "num_top_logprobs"))
+                               static_argnames=("apply_penalties", "num_top_logprobs", "draw"))
         # Prompt logprobs run on slices of this many hidden rows: one program for every bucket.
         self.prompt_logprob_rows = min(token_buckets)
         self._token_logprobs = jax.jit(token_logprobs, out_shardings=rep,
@@ -103,20 +105,22 @@ class ModelRunner:
     def history_width(self, apply_penalties: bool) -> int:
         return self.max_model_len if apply_penalties else 1
 
-    def execute(self, inputs: StepInputs, *, apply_penalties: bool,
-                with_logprobs: bool = False) -> SampleOutput:
+    def execute(self, inputs: StepInputs, *, apply_penalties: bool, with_logprobs: bool = False,
+                draw: str = "filtered") -> SampleOutput:
         """Runs one step; returns the sampled tokens (and logprobs, if asked) as numpy arrays."""
         return self.fetch(self.dispatch(inputs, apply_penalties=apply_penalties,
-                                        with_logprobs=with_logprobs))
+                                        with_logprobs=with_logprobs, draw=draw))
 
-    def dispatch(self, inputs: StepInputs, *, apply_penalties: bool,
-                 with_logprobs: bool = False) -> SampleOutput:
-        """Enqueues one step; returns its sampler output as device arrays, without waiting."""
+    def dispatch(self, inputs: StepInputs, *, apply_penalties: bool, with_logprobs: bool = False,
+                 draw: str = "filtered") -> SampleOutput:
+        """Enqueues one step; returns its sampler output as device arrays, without waiting.
+
+        `draw`: `sampling_params.draw_kind` of the batch ("filtered" is right for any batch)."""
         forward_program = self._forward_programs[inputs.token_ids.shape[0]]
         logits, self._hidden, self.kv_pages = forward_program(
             self.params, self.kv_pages, inputs.token_ids, inputs.token_src, self._last_token_ids,
             inputs.attention)
-        out = self._sample_programs[apply_penalties, with_logprobs](logits, inputs.sampling)
+        out = self._sample_programs[apply_penalties, with_logprobs, draw](logits, inputs.sampling)
         self._last_token_ids = out.token_ids
         return out
 
@@ -146,7 +150,7 @@ class ModelRunner:
         return tuple(np.concatenate(parts) for parts in zip(*outs))
 
     def warmup(self) -> tuple[int, float]:
-        """Compiles one forward program per token bucket, the four sampler variants and the
+        """Compiles one forward program per token bucket, the sampler variants and the
         prompt-logprob scorer.
 
         Programs are compiled ahead of time and called directly, so serving can never trigger a
@@ -163,13 +167,13 @@ class ModelRunner:
         num_seqs, vocab = self.max_num_seqs, self.config.vocab_size
         rep = self.plan.replicated
         logits = jax.ShapeDtypeStruct((num_seqs, vocab), jnp.float32, sharding=rep)
-        for apply_penalties, with_logprobs in SAMPLER_VARIANTS:
+        for apply_penalties, with_logprobs, draw in SAMPLER_VARIANTS:
             sampling = self._dummy_inputs(self.token_buckets[0], apply_penalties).sampling
             sampling = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                                     sampling)
-            lowered[("sample", apply_penalties, with_logprobs)] = self._sample.lower(
+            lowered[("sample", apply_penalties, with_logprobs, draw)] = self._sample.lower(
                 logits, sampling, apply_penalties=apply_penalties,
-                num_top_logprobs=MAX_LOGPROBS if with_logprobs else None)
+                num_top_logprobs=MAX_LOGPROBS if with_logprobs else None, draw=draw)
         hidden = jax.ShapeDtypeStruct((self.prompt_logprob_rows, self.config.hidden_size),
                                       self.params["embed"].dtype, sharding=rep)
         targets = jax.ShapeDtypeStruct((self.prompt_logprob_rows,), jnp.int32, sharding=rep)

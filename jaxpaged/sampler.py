@@ -17,10 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxpaged.sampling_params import GREEDY_TEMPERATURE
 from jaxpaged.step_inputs import SamplingTensors
-
-# Temperatures below this are greedy; dividing by them would overflow the logits.
-GREEDY_TEMPERATURE = 1e-5
 
 
 class SampleOutput(NamedTuple):
@@ -83,18 +81,11 @@ def _filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Ar
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)  # [S, V]
 
 
-def _draw(scaled: jax.Array, sampling: SamplingTensors, greedy: jax.Array) -> jax.Array:
-    vocab = scaled.shape[1]
-    filtering = ~greedy & (
-        ((sampling.top_k > 0) & (sampling.top_k < vocab)) | (sampling.top_p < 1.0) | (sampling.min_p > 0.0)
-    )  # [S]
-    # The sort is the costly part: skip it when no random row asks for a filter.
-    scaled = jax.lax.cond(
-        jnp.any(filtering),
-        lambda x: _filter(x, sampling.top_k, sampling.top_p, sampling.min_p),
-        lambda x: x,
-        scaled,
-    )
+def _draw(scaled: jax.Array, sampling: SamplingTensors, filtered: bool) -> jax.Array:
+    # The sort is the costly part: only batches with a filtering row pay for it (a row without
+    # one keeps every token through `_filter`).
+    if filtered:
+        scaled = _filter(scaled, sampling.top_k, sampling.top_p, sampling.min_p)
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
         sampling.seeds, sampling.steps
     )  # [S] typed keys
@@ -107,10 +98,15 @@ def sample(
     *,
     apply_penalties: bool,
     num_top_logprobs: int | None,
+    draw: str = "filtered",
 ) -> SampleOutput:
     """`num_top_logprobs=None`: no request of the batch wants logprobs, so none are computed
     (the log-softmax and the top-k over the vocabulary are a large share of a big batch's
-    sampling time); `logprobs` is then zeros and the top arrays are [S, 0]."""
+    sampling time); `logprobs` is then zeros and the top arrays are [S, 0].
+
+    `draw` (`sampling_params.draw_kind`, static): "greedy" skips the noise and the sort, "random"
+    the sort; "filtered" is right for any batch. The host picks it, so the program has no
+    data-dependent branch."""
     logits = raw_logits = logits.astype(jnp.float32)  # [S, V]
     if apply_penalties:
         logits = penalize(logits, sampling)
@@ -120,12 +116,11 @@ def sample(
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [S]
     temperature = jnp.where(greedy, 1.0, sampling.temperature)  # [S], no division by ~0
     scaled = logits / temperature[:, None]  # [S, V]
-    random_ids = jax.lax.cond(
-        jnp.all(greedy),
-        lambda: jnp.zeros_like(greedy_ids),  # all-greedy batch: skip noise and sort
-        lambda: _draw(scaled, sampling, greedy),
-    )
-    token_ids = jnp.where(greedy, greedy_ids, random_ids)  # [S]
+    if draw == "greedy":
+        token_ids = greedy_ids
+    else:
+        random_ids = _draw(scaled, sampling, filtered=draw == "filtered")
+        token_ids = jnp.where(greedy, greedy_ids, random_ids)  # [S]
 
     if num_top_logprobs is None:
         num_seqs = token_ids.shape[0]
@@ -137,4 +132,4 @@ def sample(
     return SampleOutput(token_ids, logprobs, top_ids.astype(jnp.int32), top_logprobs)
 
 
-sample_jit = jax.jit(sample, static_argnames=("apply_penalties", "num_top_logprobs"))
+sample_jit = jax.jit(sample, static_argnames=("apply_penalties", "num_top_logprobs", "draw"))

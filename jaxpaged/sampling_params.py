@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field, fields
 
 MAX_LOGPROBS = 20  # per-token top logprobs the device returns (OpenAI's limit)
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy (dividing by them overflows)
+DRAW_KINDS = ("greedy", "random", "filtered")  # see `draw_kind`
 
 
 @dataclass
@@ -68,7 +70,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def filters(self) -> bool:
+        """A sampled (not greedy) request that restricts the candidates: needs the sort."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
 
     @property
     def uses_penalties(self) -> bool:
@@ -86,6 +93,17 @@ class SamplingParams:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         values.update(changes)
         return SamplingParams(**values)
+
+
+def draw_kind(params) -> str:
+    """How a batch draws its tokens, decided on the host so the device program branches on
+    nothing (a data-dependent branch makes the GPU runtime wait for its predicate, which blocks
+    the host in dispatch): "greedy" (argmax only), "random" (some rows sample, none filters) or
+    "filtered" (some sampled row uses top-k, top-p or min-p)."""
+    params = list(params)
+    if all(p.greedy for p in params):
+        return "greedy"
+    return "filtered" if any(p.filters for p in params) else "random"
 
 
 def _number(value) -> bool:

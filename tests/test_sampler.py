@@ -309,3 +309,30 @@ def test_without_logprobs_the_same_tokens_and_greedy_is_argmax():
     with_logprobs, *_ = run(logits, sampling, num_top_logprobs=3)
     np.testing.assert_array_equal(ids, with_logprobs)
     assert top_ids.shape == (6, 0) and top_logprobs.shape == (6, 0) and not logprobs.any()
+
+
+def test_draw_kinds_picked_on_the_host_sample_what_the_general_program_samples():
+    """"greedy" and "random" skip work the batch does not need; on the batches `draw_kind` gives
+    them they must sample exactly what the general "filtered" program samples (and greedy rows
+    stay the argmax)."""
+    from jaxpaged.sampling_params import SamplingParams, draw_kind
+
+    assert draw_kind([SamplingParams(temperature=0), SamplingParams(temperature=0, top_k=3)]) == "greedy"
+    assert draw_kind([SamplingParams(temperature=0), SamplingParams(temperature=0.7)]) == "random"
+    assert draw_kind([SamplingParams(temperature=0.7), SamplingParams(temperature=1, min_p=0.1)]) == "filtered"
+    assert draw_kind([SamplingParams(temperature=0, top_p=0.5)]) == "greedy"  # greedy ignores filters
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(6, 50)).astype(np.float32)
+    cases = {"greedy": make_sampling(6, temperature=0.0, top_k=4),
+             "random": make_sampling(6, temperature=np.array([0, 0.8, 1.2, 0, 0.5, 2.0]),
+                                     seeds=np.arange(6) + 3)}
+    for kind, sampling in cases.items():
+        ids, *_ = [np.asarray(x) for x in sample_jit(jnp.asarray(logits), sampling,
+                                                      apply_penalties=False, num_top_logprobs=None,
+                                                      draw=kind)]
+        general, *_ = run(logits, sampling, num_top_logprobs=None)
+        np.testing.assert_array_equal(ids, general, err_msg=kind)
+        greedy = sampling.temperature < 1e-5
+        np.testing.assert_array_equal(ids[greedy], logits[greedy].argmax(-1))
+    assert len(set(ids[~greedy].tolist())) > 1  # the random rows really drew
