@@ -76,7 +76,8 @@ class Engine:
                                  enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_model_len=self.max_model_len)
+                                   max_model_len=self.max_model_len,
+                                   share_pages_within_step=jax.devices()[0].platform != "tpu")
         self.runner = ModelRunner(
             self.model_config, self.params, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, pages_per_seq=self.pages_per_seq,
@@ -159,6 +160,7 @@ class Engine:
             return outputs + self._step_sync()
         except BaseException:
             self._in_flight = None  # a failed step's results will never arrive
+            self.scheduler.drop_uncommitted()  # nor will the pages it was to compute
             raise
 
     def _step_sync(self) -> list[RequestOutput]:

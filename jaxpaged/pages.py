@@ -122,11 +122,24 @@ class PageManager:
             self.share(pages)
         return pages
 
-    def register(self, page: int, page_hash: bytes) -> None:
-        """Records that `page` (in use, full, computed) holds the content `page_hash` names."""
+    def register(self, page: int, page_hash: bytes) -> bool:
+        """Records that `page` (in use, full, computed or being computed by a dispatched step)
+        holds the content `page_hash` names; False if it was not recorded."""
         if not self.enable_prefix_caching or self.hash_of_page[page] is not None:
-            return
+            return False
         if page_hash in self.page_by_hash:
-            return  # the same content was computed twice concurrently; keep the first
+            return False  # the same content was computed twice concurrently; keep the first
         self.page_by_hash[page_hash] = page
         self.hash_of_page[page] = page_hash
+        return True
+
+    def unregister(self, page: int) -> None:
+        """Forgets what `page` holds (a step that was to compute it never ran)."""
+        page_hash = self.hash_of_page[page]
+        if page_hash is None:
+            return
+        del self.page_by_hash[page_hash]
+        self.hash_of_page[page] = None
+        if page in self.evictable:
+            del self.evictable[page]
+            self.free_pages.append(page)

@@ -9,7 +9,9 @@ prefill its prompt plus what it had generated.
 With prefix caching, a request admitted from the queue first takes the cached pages of its longest
 cached prefix (whole pages, always leaving at least one token to compute, whose logits it needs),
 and every page that becomes full is offered to the cache as soon as the step computing it is
-dispatched (a request admitted in a later step can share it; one in the same step cannot).
+dispatched, so a request admitted in a later step can share it. With `share_pages_within_step`
+even a request admitted later in the same step can (where the attention op writes before it
+reads).
 
 A step's life: `schedule()` picks the batch, `commit(batch)` records it as running on the device
 (its tokens count as computed; a request whose chunk reached its end has a token *pending*), and
@@ -46,8 +48,14 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pages: PageManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, share_pages_within_step: bool = False):
         self.pages = pages
+        # Requests admitted in one step may share the full pages an earlier one of them will
+        # compute in that step: right only where the attention op writes every new token's K/V
+        # before any query reads (the reference and GPU ops; the TPU kernel's decode call reads
+        # before its prefill call writes).
+        self.share_pages_within_step = share_pages_within_step
+        self._uncommitted_pages: list[int] = []  # registered by `schedule`, not yet dispatched
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -138,6 +146,9 @@ class Scheduler:
             self.running.append(request)
             scheduled.append((request, n))
             budget -= n
+            if self.share_pages_within_step:  # nothing is preempted after this point of a step
+                self._uncommitted_pages += self._register_full_pages(
+                    request, request.num_computed_tokens + n)
 
         # Decodes first, then prefill chunks: the layout the attention kernels expect.
         scheduled.sort(key=lambda item: not self._is_decode(*item))
@@ -158,6 +169,14 @@ class Scheduler:
             # Offered to the cache now, not when the ids come back: any later step that reads
             # these pages runs after this one has written them.
             self._register_full_pages(request)
+        self._uncommitted_pages.clear()
+
+    def drop_uncommitted(self) -> None:
+        """The batch `schedule` returned will never run (its dispatch failed): forget the pages
+        it registered for sharing, whose content will never be computed."""
+        for page in self._uncommitted_pages:
+            self.pages.unregister(page)
+        self._uncommitted_pages.clear()
 
     def update(self, batch: ScheduledBatch, sampled_token_ids) -> list[Request]:
         """Records the step's results; returns the requests that received a new token.
@@ -229,16 +248,23 @@ class Scheduler:
         request.num_registered_pages = len(request.page_ids)
         return len(hashes) * self.pages.page_size
 
-    def _register_full_pages(self, request: Request) -> None:
+    def _register_full_pages(self, request: Request, num_computed: int | None = None) -> list[int]:
+        """Offers the request's full pages up to `num_computed` tokens (default: its computed
+        ones) to the cache; returns the pages newly recorded."""
         if not self.pages.enable_prefix_caching:
-            return
+            return []
+        if num_computed is None:
+            num_computed = request.num_computed_tokens
         # Only pages of tokens the host knows (a pending token's id is still on the device).
-        full = min(request.num_computed_tokens, request.num_tokens) // self.pages.page_size
+        full = min(num_computed, request.num_tokens) // self.pages.page_size
+        registered = []
         if full > request.num_registered_pages:
             hashes = self._hashes(request)
             for i in range(request.num_registered_pages, full):
-                self.pages.register(request.page_ids[i], hashes[i])
+                if self.pages.register(request.page_ids[i], hashes[i]):
+                    registered.append(request.page_ids[i])
             request.num_registered_pages = full
+        return registered
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

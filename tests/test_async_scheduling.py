@@ -51,10 +51,14 @@ class FakeDevice:
         token_ids = np.where(inputs.token_src >= 0, self.last[np.maximum(inputs.token_src, 0)],
                              inputs.token_ids)
         sampled = np.zeros(MAX_NUM_SEQS, np.int64)
-        for i in range(int(attn.num_seqs[0])):
+        num_seqs = int(attn.num_seqs[0])
+        # Every new token is written before any sequence reads, as the reference and GPU ops do
+        # (so sequences admitted in one step may share pages one of them computes).
+        for i in range(num_seqs):
             for t in range(attn.cu_q_lens[i], attn.cu_q_lens[i + 1]):
                 page = attn.page_indices[i, attn.positions[t] // PAGE_SIZE]
                 self.kv[page, attn.positions[t] % PAGE_SIZE] = token_ids[t]
+        for i in range(num_seqs):
             kv_len = attn.kv_lens[i]
             pages = attn.page_indices[i, :-(-kv_len // PAGE_SIZE)]
             seen = self.kv[pages].reshape(-1)[:kv_len]
@@ -93,13 +97,14 @@ def schedule_and_dispatch(sched: Scheduler, device: FakeDevice):
     return batch, sampled
 
 
+@pytest.mark.parametrize("share_within_step", [False, True])
 @pytest.mark.parametrize("lag", [0, 1])
 @pytest.mark.parametrize("seed", range(4))
-def test_outputs_equal_the_oracle_with_and_without_lag(seed, lag):
+def test_outputs_equal_the_oracle_with_and_without_lag(seed, lag, share_within_step):
     rng = np.random.default_rng(seed)
     sched = Scheduler(PageManager(NUM_PAGES, PAGE_SIZE, enable_prefix_caching=True),
                       max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=BUDGET,
-                      max_model_len=MAX_MODEL_LEN)
+                      max_model_len=MAX_MODEL_LEN, share_pages_within_step=share_within_step)
     device = FakeDevice()
     prefixes = [rng.integers(2, VOCAB, 24).tolist() for _ in range(3)]
     requests, aborted, in_flight = [], set(), []
@@ -168,3 +173,28 @@ def test_no_step_is_scheduled_past_max_tokens():
     for step in steps:
         sched.update(*step)
     assert request.finish_reason == "length" and len(request.output_token_ids) == 2
+
+
+@pytest.mark.parametrize("share_within_step", [False, True])
+def test_requests_admitted_together_share_a_prefix_only_within_step_sharing(share_within_step):
+    sched = Scheduler(PageManager(16, PAGE_SIZE, enable_prefix_caching=True), max_num_seqs=4,
+                      max_num_batched_tokens=64, max_model_len=32,
+                      share_pages_within_step=share_within_step)
+    prefix = list(range(2, 2 + 3 * PAGE_SIZE))  # three full pages
+    first, second = (Request(name, prefix + [20 + i], SamplingParams(max_tokens=2), seed=0,
+                             eos_token_ids=frozenset([EOS]), max_tokens=2)
+                     for i, name in enumerate("ab"))
+    sched.add(first)
+    sched.add(second)
+    batch = sched.schedule()
+    scheduled = {r.request_id: n for r, n in zip(batch.requests, batch.num_new_tokens)}
+    if share_within_step:  # the second reads the three pages the first writes in this step
+        assert second.num_computed_tokens == 3 * PAGE_SIZE
+        assert second.page_ids[:3] == first.page_ids[:3] and scheduled == {"a": 13, "b": 1}
+        assert batch.requests == [second, first]  # now a decode: first in the batch
+        # A step that never runs: the shared pages must not stay in the cache.
+        sched.drop_uncommitted()
+        assert sched.pages.lookup(sched._hashes(first)[:3]) == []
+    else:
+        assert second.num_computed_tokens == 0 and scheduled == {"a": 13, "b": 13}
+        assert not set(second.page_ids) & set(first.page_ids)

@@ -121,7 +121,7 @@ def test_bench_startup_command(tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     for run in ("cold", "warm"):
-        assert report[run]["programs"] == 7  # 2 token buckets, 4 sampler variants, the scorer
+        assert report[run]["programs"] == 15  # 2 token buckets, 12 sampler variants, the scorer
         assert report[run]["seconds_to_ready"] > report[run]["engine_seconds"] > 0
     assert report["cold"]["backend_compiles"] >= 1
     assert "cold:" in capsys.readouterr().out
@@ -215,7 +215,7 @@ def test_h100_serve_smoke(tmp_path, capsys):
     assert streams["total_output_tokens"] == sum(r.output_len for r in expected)  # EOS ignored
     assert streams["total_input_tokens"] == sum(len(r.prompt_token_ids) for r in expected)
     # 2 token buckets + 4 sampler variants + the scorer at start-up; serving compiles nothing
-    assert report["compiles_after_run"] == {"warmup_programs": 7, "compiles_after_warmup": 0}
+    assert report["compiles_after_run"] == {"warmup_programs": 15, "compiles_after_warmup": 0}
     assert [row["request_rate"] for row in report["rate_sweep"]][-1] == "inf"
     assert all(row["failed"] == 0 for row in report["rate_sweep"])
     assert report["server_clean_exit"]
