@@ -113,15 +113,12 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
+    from jaxpaged.bench.roofline import decode_batch_inputs
     from jaxpaged.config import ModelConfig
     from jaxpaged.model_source import resolve_model
     from jaxpaged.models.params import random_params
-    from jaxpaged.request import Request
     from jaxpaged.runner import ModelRunner
-    from jaxpaged.sampling_params import SamplingParams
-    from jaxpaged.step_inputs import build_step_inputs
 
     if args.smoke:
         hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -145,15 +142,7 @@ def main(argv=None) -> int:
                              max_model_len=args.context + 1, token_buckets=(bucket,),
                              attention_backend=args.attention_backend, kv_dtype=dtype)
         runner.warmup()
-        requests = []
-        for i in range(batch):
-            request = Request(str(i), list(range(1, args.context + 1)),
-                              SamplingParams(temperature=0), seed=i)
-            request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
-            request.num_computed_tokens = args.context - 1
-            requests.append(request)
-        inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
-                                   pages_per_seq=pages_per_seq, history_width=1)
+        inputs, _ = decode_batch_inputs(batch, args.context, config.vocab_size, page_size, bucket)
         row = report["batches"][batch] = probe(runner, inputs, args.steps)
         print(f"batch {batch}: {json.dumps(row)}", flush=True)
         del runner

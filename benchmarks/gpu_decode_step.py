@@ -14,15 +14,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxpaged.bench.roofline import copy_bandwidth, median_seconds
+from jaxpaged.bench.roofline import copy_bandwidth, decode_batch_inputs, median_seconds
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.params import random_params
-from jaxpaged.request import Request
 from jaxpaged.runner import ModelRunner
-from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.step_inputs import build_step_inputs
 
 SHAPES = {  # Hugging Face config fields of the public models (weights are random here)
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -49,15 +45,7 @@ def decode_step(name: str, batch: int, context: int, page_size: int) -> dict:
         runner.kv_pages[i] = None  # one layer at a time: never two whole caches alive
         runner.kv_pages[i] = jax.random.normal(key, shape, kv_dtype)
     compiles, compile_seconds = runner.warmup()
-    requests = []
-    for i in range(batch):  # each sequence holds `context` tokens and decodes one more
-        request = Request(str(i), list(np.random.randint(0, config.vocab_size, context)),
-                          SamplingParams(temperature=0), seed=i)
-        request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
-        request.num_computed_tokens = context - 1
-        requests.append(request)
-    inputs = build_step_inputs(requests, [1] * batch, token_bucket=max(batch, 8), max_num_seqs=batch,
-                               pages_per_seq=pages_per_seq, history_width=1)
+    inputs, _ = decode_batch_inputs(batch, context, config.vocab_size, page_size, max(batch, 8))
     seconds = median_seconds(lambda: runner.execute(inputs, apply_penalties=False, draw="greedy"), 20)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     kv_bytes = config.num_layers * batch * context * 2 * config.num_kv_heads * config.head_dim * 2

@@ -208,10 +208,8 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     import jax
     import numpy as np
 
-    from jaxpaged.request import Request
+    from jaxpaged.bench.roofline import decode_batch_inputs
     from jaxpaged.runner import ModelRunner
-    from jaxpaged.sampling_params import SamplingParams
-    from jaxpaged.step_inputs import build_step_inputs
 
     page_size = 16
     pages_per_seq = -(-(args.context + 1) // page_size)
@@ -227,15 +225,7 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
         runner.kv_pages[i] = None
         runner.kv_pages[i] = jax.random.normal(key, shape, kv_dtype)
     programs, compile_seconds = runner.warmup()
-    requests = []
-    for i in range(batch):  # each sequence holds `context` tokens and decodes one more
-        request = Request(str(i), np.random.randint(100, config.vocab_size, args.context).tolist(),
-                          SamplingParams(temperature=0), seed=i)
-        request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
-        request.num_computed_tokens = args.context - 1
-        requests.append(request)
-    inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
-                               pages_per_seq=pages_per_seq, history_width=1)
+    inputs, _ = decode_batch_inputs(batch, args.context, config.vocab_size, page_size, bucket)
     forward = runner._forward_programs[bucket]
     sample = runner._sample_programs[False, False, "greedy"]
     print(f"decode batch {batch}: compiled; forward {program_bytes(forward)}, sampler "

@@ -21,16 +21,12 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from jaxpaged.bench.roofline import median_seconds  # noqa: E402
+from jaxpaged.bench.roofline import decode_batch_inputs, median_seconds  # noqa: E402
 from jaxpaged.config import ModelConfig  # noqa: E402
 from jaxpaged.models.params import random_params  # noqa: E402
-from jaxpaged.request import Request  # noqa: E402
 from jaxpaged.runner import ModelRunner  # noqa: E402
-from jaxpaged.sampling_params import SamplingParams  # noqa: E402
 from jaxpaged.sharding import ShardingPlan  # noqa: E402
-from jaxpaged.step_inputs import build_step_inputs  # noqa: E402
 
 SHAPES = {  # Hugging Face config fields (weights are random)
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -55,15 +51,7 @@ def decode_steps(config: ModelConfig, tp: int, batches: list[int], context: int,
                              max_model_len=context + 1, token_buckets=(bucket,),
                              attention_backend="auto", kv_dtype=dtype, plan=plan)
         compiles, compile_seconds = runner.warmup()
-        requests = []
-        for i in range(batch):  # each sequence holds `context` tokens and decodes one more
-            request = Request(str(i), list(np.random.randint(0, config.vocab_size, context)),
-                              SamplingParams(temperature=0), seed=i)
-            request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
-            request.num_computed_tokens = context - 1
-            requests.append(request)
-        inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
-                                   pages_per_seq=pages_per_seq, history_width=1)
+        inputs, _ = decode_batch_inputs(batch, context, config.vocab_size, page_size, bucket)
         seconds = median_seconds(lambda: runner.execute(inputs, apply_penalties=False, draw="greedy"),
                                   repeats)
         rows.append({"tp": tp, "batch": batch, "context": context, "step_ms": 1e3 * seconds,

@@ -42,3 +42,25 @@ def matmul_rate(n: int = 8192, repeats: int = 20) -> float:
     matmul = jax.jit(jnp.dot)
     seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
     return 2 * n ** 3 / seconds
+
+
+def decode_batch_inputs(batch: int, context: int, vocab_size: int, page_size: int, bucket: int):
+    """One decode step's inputs for `batch` sequences that each hold `context` cached tokens (in
+    pages laid out one sequence after another) and decode one more: what the decode-step
+    benchmarks time. Returns (StepInputs, pages_per_seq)."""
+    from jaxpaged.request import Request
+    from jaxpaged.sampling_params import SamplingParams
+    from jaxpaged.step_inputs import build_step_inputs
+
+    pages_per_seq = -(-(context + 1) // page_size)
+    rng = np.random.default_rng(0)
+    requests = []
+    for i in range(batch):
+        request = Request(str(i), rng.integers(0, vocab_size, context).tolist(),
+                          SamplingParams(temperature=0), seed=i)
+        request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
+        request.num_computed_tokens = context - 1
+        requests.append(request)
+    inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
+                               pages_per_seq=pages_per_seq, history_width=1)
+    return inputs, pages_per_seq
