@@ -64,6 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--hf-batch", type=int, default=128)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--prefix-cache", action="store_true", help="also issue 7's workloads")
+    parser.add_argument("--skip-offline", action="store_true",
+                        help="build the engine but skip the offline random workload")
     parser.add_argument("--compare-sync", action="store_true",
                         help="run the offline workload again with async scheduling off")
     parser.add_argument("--engine-decode-steps", type=int, default=32,
@@ -267,6 +269,8 @@ def engine_kwargs(args) -> dict:
     max_model_len = args.input_len + args.output_len + 16
     if args.prefix_cache:
         max_model_len = max(max_model_len, args.prefix_len + args.suffix_len + args.prefix_output_len + 16)
+    if args.engine_decode_steps:  # room for engine_decode's requests
+        max_model_len = max(max_model_len, args.context + args.engine_decode_steps + 48)
     return dict(load_format="dummy", dtype="float32" if args.smoke else "bfloat16",
                 max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
@@ -324,6 +328,8 @@ def run_jax(args) -> dict:
         print(f"engine ready in {report['engine']['setup_seconds']:.1f} s "
               f"({llm.engine.num_compiles} programs, {llm.engine.pages.num_pages} pages, "
               f"utilization {utilization}, memory {memory_stats()})", flush=True)
+        if args.skip_offline:
+            break
         try:
             report["offline"] = run_offline(llm.engine, workload(args), ignore_eos=True,
                                             max_seconds=args.offline_seconds)
@@ -338,9 +344,10 @@ def run_jax(args) -> dict:
             save()
             del llm
             gc.collect()
-    print_offline("offline random", report["offline"])
+    if not args.skip_offline:
+        print_offline("offline random", report["offline"])
     save()
-    if args.compare_sync and (args.deadline is None or time.time() < args.deadline):
+    if args.compare_sync and not args.skip_offline and (args.deadline is None or time.time() < args.deadline):
         engine = llm.engine
         engine.async_scheduling, before = False, engine.async_scheduling
         assert llm.reset_prefix_cache()  # the same prompts again: no hits from the first run
@@ -392,8 +399,13 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
         if batch > engine.config.max_num_seqs:
             continue
         steps = args.engine_decode_steps
-        # Two untimed steps, the timed ones, and one more (async scheduling dispatches ahead).
-        params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+        # Prefill takes several steps and the first requests start decoding while later ones
+        # are still prefilling: leave every request room for all of them, the two untimed steps,
+        # the timed ones and the one async scheduling dispatches ahead, so the batch stays whole
+        # (checked below), then abort.
+        prefill_steps = -(-batch * args.context // engine.config.max_num_batched_tokens)
+        max_tokens = min(prefill_steps + steps + 8, engine.max_model_len - args.context)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         ids = [f"decode-{batch}-{i}" for i in range(batch)]
         for request_id in ids:
             engine.add_request(request_id, rng.integers(100, vocab, args.context).tolist(), params)
@@ -402,10 +414,14 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
             started.update(o.request_id for o in engine.step())
         for _ in range(2):
             engine.step()
+        sizes = []
         begin = time.perf_counter()
         for _ in range(steps):
-            engine.step()
+            sizes.append(len(engine.step()))
         step_s = (time.perf_counter() - begin) / steps
+        if min(sizes) != batch:
+            raise RuntimeError(f"engine decode batch {batch}: steps returned {min(sizes)}..{max(sizes)} "
+                               "outputs, the batch did not stay whole")
         for request_id in ids:
             engine.abort(request_id)
         while engine.has_unfinished:  # the last dispatched step (async scheduling)

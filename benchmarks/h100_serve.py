@@ -17,6 +17,9 @@ One process tree, one device call (~8 minutes at the defaults), results in --out
    arrival, so even an unsaturated level shows somewhat less than offered) and ends with every
    request at once (`inf`: the saturated throughput).
 5. SIGTERM the server and check it exits cleanly; write `h100_serve.json` and `h100_serve.md`.
+6. Start-up, warm: launch the server again on the compilation cache the first one filled (the
+   first start used an empty one: cold) and time it to /health, then stop it (skip:
+   --no-warm-restart).
 
 Requests unfinished at a time limit are cancelled and counted as failed, so a truncated level's
 latencies describe the requests that finished (the shorter ones). `--deadline` (epoch seconds)
@@ -36,6 +39,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,6 +87,8 @@ def parse_args(argv=None):
     work.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds since the epoch by which the run must be done")
+    parser.add_argument("--no-warm-restart", dest="warm_restart", action="store_false",
+                        help="skip phase 6 (the second, warm start)")
     parser.add_argument("--smoke", action="store_true", help="tiny dummy model on CPU (seconds)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -111,8 +117,9 @@ def serve_args(args) -> list[str]:
             "--attention-backend", args.attention_backend]
 
 
-def server_env(args) -> dict:
-    env = {**os.environ, "JAXPAGED_LOG_LEVEL": "INFO"}  # the log gets the warm-up line
+def server_env(args, compile_cache: str) -> dict:
+    # The log gets the warm-up lines. The first start compiles into an empty cache (cold).
+    env = {**os.environ, "JAXPAGED_LOG_LEVEL": "INFO", "JAXPAGED_COMPILE_CACHE": compile_cache}
     if args.smoke:
         env["JAX_PLATFORMS"] = "cpu"
     else:  # the engine sizes its KV cache from what JAX may take: let it take most of the card
@@ -213,10 +220,11 @@ def main(argv=None) -> int:
         (out / "h100_serve.json").write_text(json.dumps(report, indent=2))
 
     process = None
+    compile_cache = tempfile.mkdtemp(prefix="jaxpaged-serve-xla-")
     try:
         ready = time.perf_counter()
         timeout = min(args.server_timeout, max(time_left(args), 30))
-        process, url = launch_server(serve_args(args), timeout, env=server_env(args),
+        process, url = launch_server(serve_args(args), timeout, env=server_env(args, compile_cache),
                                      log_path=str(out / "server.log"))
         report["seconds_to_ready"] = time.perf_counter() - ready
         report["compiles_at_ready"] = compile_counts(url)
@@ -252,11 +260,47 @@ def main(argv=None) -> int:
             warmup = re.search(r"warm-up compiled (\d+) programs in ([\d.]+) s", log)
             if warmup:
                 report["engine_warmup_seconds"] = float(warmup.group(2))
+            report["warmup_breakdown"] = warmup_breakdown(log)
+    if args.warm_restart and "error" not in report:
+        warm_restart(args, report, compile_cache, out)
+    shutil.rmtree(compile_cache, ignore_errors=True)
     save()
     markdown = render_markdown(report)
     (out / "h100_serve.md").write_text(markdown)
     print(markdown)
     return 1 if "error" in report else 0
+
+
+def warmup_breakdown(log: str) -> str | None:
+    found = re.search(r"warm-up: lowering .*", log)
+    return found.group(0) if found else None
+
+
+def warm_restart(args, report: dict, compile_cache: str, out: Path) -> None:
+    """Phase 6: the same server again on the filled compilation cache, to /health, then stop."""
+    limit = min(args.server_timeout, time_left(args) + SHUTDOWN_RESERVE_S - 10)
+    if limit < 30:
+        report["notes"].append("warm restart skipped: --deadline")
+        return
+    warm = report["warm_start"] = {}
+    process = None
+    try:
+        ready = time.perf_counter()
+        process, url = launch_server(serve_args(args), limit, env=server_env(args, compile_cache),
+                                     log_path=str(out / "server_warm.log"))
+        warm["seconds_to_ready"] = time.perf_counter() - ready
+        warm["compiles_at_ready"] = compile_counts(url)
+        print(f"warm restart: ready in {warm['seconds_to_ready']:.0f} s", flush=True)
+    except Exception as error:  # noqa: BLE001 - reported, the first run's results stand
+        warm["error"] = f"{type(error).__name__}: {error}"[:1000]
+    finally:
+        if process is not None:
+            warm["server_exit_code"] = stop_server(process, timeout=30)
+            log = (out / "server_warm.log").read_text(errors="replace")
+            found = re.search(r"warm-up compiled (\d+) programs in ([\d.]+) s", log)
+            if found:
+                warm["engine_warmup_seconds"] = float(found.group(2))
+            warm["warmup_breakdown"] = warmup_breakdown(log)
 
 
 def verdict(value: float | None, target: float) -> str:
@@ -279,6 +323,17 @@ def render_markdown(r: dict) -> str:
         warmup = r.get("engine_warmup_seconds")
         lines.append(f"Ready (/health) {r['seconds_to_ready']:.0f} s after launch"
                      f"{f' (of which compiling: {warmup:.0f} s)' if warmup is not None else ''}.")
+    if r.get("warmup_breakdown"):
+        lines.append(f"Cold start's {r['warmup_breakdown']}.")
+    warm = r.get("warm_start")
+    if warm:
+        if "seconds_to_ready" in warm:
+            compiling = warm.get("engine_warmup_seconds")
+            lines.append(f"Warm start (the same server again, on the compilation cache the first "
+                         f"filled): ready {warm['seconds_to_ready']:.0f} s after launch"
+                         f"{f' (warm-up {compiling:.0f} s)' if compiling is not None else ''}.")
+        else:
+            lines.append(f"Warm start failed: `{warm.get('error')}`.")
     counts = r.get("compiles_after_run") or r.get("compiles_after_warmup")
     if counts:
         lines.append(f"Programs compiled at start-up: {counts['warmup_programs']}; XLA compiles "

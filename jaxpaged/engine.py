@@ -13,6 +13,7 @@ step's hidden states) run synchronously.
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import jax
@@ -53,16 +54,22 @@ class RequestGroup:
 
 class Engine:
     def __init__(self, config: EngineConfig):
+        begin = time.perf_counter()
         self.config = config
         self.source = resolve_model(config.model, config.load_format)
         self.model_config = ModelConfig.from_hf_config(self.source.hf_config())
+        read_config = time.perf_counter()
         self.tokenizer = self.source.tokenizer()  # None: no tokenizer, prompts are token ids
         self.generation_defaults = self.source.generation_config()
-        self.dtype = resolve_dtype(config.dtype)
+        read_tokenizer = time.perf_counter()
+        self.dtype = resolve_dtype(config.dtype)  # the first device query starts the backend
         self.plan = ShardingPlan.build(self.model_config, config.tensor_parallel_size)
         for note in self.plan.notes:
             logger.info("tensor parallelism: %s", note)
+        configured = time.perf_counter()
         self.params = self._load_params()
+        jax.block_until_ready(self.params)
+        loaded = time.perf_counter()
 
         model_len = self.model_config.max_position_embeddings
         self.max_model_len = config.max_model_len or model_len
@@ -91,8 +98,17 @@ class Engine:
         self._sync_groups: set[str] = set()  # requests whose steps must run synchronously
         self._in_flight = None  # (ScheduledBatch, device SampleOutput) dispatched, not yet fetched
         self._rng = np.random.default_rng(config.seed)
+        built = time.perf_counter()
         self.num_compiles, self.warmup_seconds = self.runner.warmup()
+        # Where start-up goes (`jaxpaged bench startup` reports it; the log gets one line).
+        self.setup_seconds = {"config": read_config - begin, "tokenizer": read_tokenizer - read_config,
+                              "devices": configured - read_tokenizer, "weights": loaded - configured,
+                              "kv_cache_and_runner": built - loaded, "warmup": self.warmup_seconds}
+        logger.info("engine set-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.setup_seconds.items()))
         logger.info("warm-up compiled %d programs in %.1f s", self.num_compiles, self.warmup_seconds)
+        slowest = sorted(self.runner.compile_seconds.items(), key=lambda item: -item[1])[:4]
+        logger.info("warm-up: lowering %.1f s, then compiles in parallel; slowest: %s",
+                    self.runner.lowering_seconds, ", ".join(f"{k} {v:.1f} s" for k, v in slowest))
 
     # ---- requests ----------------------------------------------------------------------------
 

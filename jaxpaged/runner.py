@@ -179,8 +179,17 @@ class ModelRunner:
         targets = jax.ShapeDtypeStruct((self.prompt_logprob_rows,), jnp.int32, sharding=rep)
         lowered[("token_logprobs",)] = self._token_logprobs.lower(
             self.params, hidden, targets, num_top=MAX_LOGPROBS)
+        self.lowering_seconds = time.perf_counter() - start
+
+        def compile_timed(low):
+            begin = time.perf_counter()
+            return low.compile(), time.perf_counter() - begin
+
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+            results = dict(zip(lowered, pool.map(compile_timed, lowered.values())))
+        compiled = {key: program for key, (program, _) in results.items()}
+        # Wall seconds of each compile (they overlap in the pool): where start-up goes.
+        self.compile_seconds = {"/".join(map(str, key)): seconds for key, (_, seconds) in results.items()}
         self._forward_programs = {b: compiled[("forward", b)] for b in self.token_buckets}
         self._sample_programs = {v: compiled[("sample", *v)] for v in SAMPLER_VARIANTS}
         self._token_logprobs_program = compiled[("token_logprobs",)]

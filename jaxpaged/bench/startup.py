@@ -54,6 +54,9 @@ def child(engine_kwargs: dict) -> None:
     ready = time.perf_counter()
     facts = {"import_seconds": imported - begin, "engine_seconds": ready - imported,
              "warmup_seconds": llm.engine.warmup_seconds, "programs": llm.engine.num_compiles,
+             "setup_seconds": llm.engine.setup_seconds,
+             "lowering_seconds": llm.engine.runner.lowering_seconds,
+             "program_compile_seconds": llm.engine.runner.compile_seconds,
              "backend_compiles": events["compiles"], "persistent_cache_hits": events["hits"],
              "persistent_cache_misses": events["misses"],
              "device": str(jax.devices()[0].device_kind)}

@@ -113,6 +113,8 @@ def engine_summary(engine) -> dict:
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "max_model_len": engine.max_model_len, "token_buckets": list(engine.token_buckets),
             "warmup_programs": engine.num_compiles, "warmup_seconds": engine.warmup_seconds,
+            "warmup_lowering_seconds": engine.runner.lowering_seconds,
+            "program_compile_seconds": engine.runner.compile_seconds,
             "enable_prefix_caching": config.enable_prefix_caching,
             "async_scheduling": engine.async_scheduling}
 
