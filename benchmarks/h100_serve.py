@@ -4,7 +4,7 @@ One process tree, one device call (~8 minutes at the defaults), results in --out
 
 1. `jaxpaged serve --model llama-3.1-8b --load-format dummy` with serving flags (below) in a
    child process (its log: `server.log`); wait for /health (the engine compiles every token
-   bucket first: ~95 s cold on the H100).
+   bucket first: ~60 s cold on the H100).
 2. Warm-up: a few requests of assorted prompt lengths, so each program's first execution is not
    measured. /metrics gives the programs compiled at start-up and the compiles since (`jaxpaged:
    warmup_programs`, `jaxpaged:compiles_after_warmup`; serving should compile nothing).

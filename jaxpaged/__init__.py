@@ -4,13 +4,19 @@ import os
 
 __version__ = "0.1.0"
 
-# XLA's GPU command buffers (CUDA graphs) must be updated whenever a program's buffers move, and an
-# engine step's do every step (fresh step inputs, donated caches). On the H100 a Llama-8B decode
-# step was 1.4-2 ms faster without them (benchmarks/results/dispatch_probe_h100.md), so they are
-# off unless XLA_FLAGS already says otherwise. XLA reads the flag when the first backend starts.
+# XLA's GPU command buffers (CUDA graphs) for fusions, cuBLAS(Lt) GEMMs and custom calls (the
+# Pallas/Triton kernels), set explicitly as measured, unless XLA_FLAGS already names the flag. With
+# async scheduling the host launches step N+1 while step N runs, and launching a Llama-8B step
+# kernel by kernel took the host ~6 ms, longer than the batch-1 step itself; as graphs ~3 ms. On
+# the H100 that took the engine's batch-1 decode step from 7.14 to 6.99 ms and serving TPOT at 4
+# streams from 9.0 to 7.0 ms (two leases; benchmarks/results/h100_serve.md). A synchronous step is slower with
+# them (8.2 -> 9.4 ms at batch 1: graphs are updated every step, as step inputs move), so turn them
+# off (`--xla_gpu_enable_command_buffer=`) with async scheduling off. XLA reads the flag when the
+# first backend starts.
+COMMAND_BUFFER_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
 if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_gpu_enable_command_buffer=").strip()
+                               + f" --xla_gpu_enable_command_buffer={COMMAND_BUFFER_TYPES}").strip()
 
 from jaxpaged.request import CompletionOutput, RequestOutput  # noqa: E402
 from jaxpaged.sampling_params import SamplingParams  # noqa: E402

@@ -22,25 +22,42 @@ def median_seconds(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> float:
-    """Bytes per second read + written by a device-to-device elementwise copy."""
+def ceiling_seconds(fn, repeats: int, warmup_seconds: float = 1.0) -> float:
+    """Fastest wall time of `fn()` (which must block), after running it for `warmup_seconds` so
+    the GPU's clocks have risen. A ceiling is what the device can do, so the best run counts: a
+    median of 20 two-millisecond copies right after start-up read 2.16-2.62 TB/s on H100 leases,
+    making every floor derived from it look easier to reach."""
+    end = time.perf_counter() + warmup_seconds
+    while time.perf_counter() < end:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(min(times))
+
+
+def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 50) -> float:
+    """Bytes per second read + written by a device-to-device elementwise copy (the best of
+    `repeats`, after a warm-up)."""
     import jax
     import jax.numpy as jnp
 
     x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
     copy = jax.jit(lambda a: a + 1)
-    seconds = median_seconds(lambda: copy(x).block_until_ready(), repeats)
+    seconds = ceiling_seconds(lambda: copy(x).block_until_ready(), repeats)
     return 2 * num_bytes / seconds
 
 
-def matmul_rate(n: int = 8192, repeats: int = 20) -> float:
-    """bf16 FLOP per second of one n x n x n matmul."""
+def matmul_rate(n: int = 8192, repeats: int = 30) -> float:
+    """bf16 FLOP per second of one n x n x n matmul (the best of `repeats`, after a warm-up)."""
     import jax
     import jax.numpy as jnp
 
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
     matmul = jax.jit(jnp.dot)
-    seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+    seconds = ceiling_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
     return 2 * n ** 3 / seconds
 
 
