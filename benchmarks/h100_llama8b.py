@@ -64,6 +64,9 @@ def parse_args(argv=None):
     parser.add_argument("--hf-batch", type=int, default=128)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--prefix-cache", action="store_true", help="also issue 7's workloads")
+    parser.add_argument("--step-breakdown", action="store_true",
+                        help="time one offline-like mixed step whole, without attention, and its "
+                             "attention alone")
     parser.add_argument("--skip-offline", action="store_true",
                         help="build the engine but skip the offline random workload")
     parser.add_argument("--compare-sync", action="store_true",
@@ -309,6 +312,10 @@ def run_jax(args) -> dict:
     config = ModelConfig.from_hf_config(resolve_model(args.model, "dummy").hf_config())
     params = random_params(config, dtype)
     report["decode"] = decode_steps(args, params, config, dtype, bw)
+    save()
+    if args.step_breakdown:
+        report["mixed_step"] = mixed_step_breakdown(args, params, config, dtype,
+                                                    report["roofline"]["matmul_flop_s"])
     del params
     gc.collect()
     save()
@@ -436,6 +443,102 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
     return rows
 
 
+def mixed_step_breakdown(args, params, config, dtype, matmul_flop_s: float) -> dict:
+    """Where an offline step's time goes: the steady state of the offline run (every decode slot
+    busy at ctx ~input + output/2, the rest of the token budget prefill chunks of new prompts),
+    timed as the whole forward, the forward with attention replaced by a pass-through (matmuls,
+    norms, rope, LM head), and the attention op alone x layers. Matmul FLOPs over the
+    pass-through time give its achieved rate against the measured matmul rate."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxpaged.attention import get_kv_cache_shape, make_attention
+    from jaxpaged.request import Request
+    from jaxpaged.runner import _forward_step
+    from jaxpaged.sampling_params import SamplingParams
+    from jaxpaged.step_inputs import build_step_inputs
+
+    page_size, budget = 16, args.max_num_batched_tokens
+    decode_seqs = min(args.max_num_seqs, budget // 2)
+    context = args.input_len + args.output_len // 2
+    chunks = []
+    left = budget - decode_seqs
+    while left > 0:
+        chunks.append(min(args.input_len, left))
+        left -= chunks[-1]
+    pages_per_seq = -(-(context + 1) // page_size)
+    rng = np.random.default_rng(5)
+    requests, counts, next_page = [], [], 0
+    for i in range(decode_seqs + len(chunks)):
+        decoding = i < decode_seqs
+        length = context if decoding else chunks[i - decode_seqs]
+        request = Request(f"s{i}", rng.integers(0, config.vocab_size, length).tolist(),
+                          SamplingParams(temperature=0), seed=i)
+        used = -(-(length + 1) // page_size)
+        request.page_ids = list(range(next_page, next_page + used))
+        next_page += used
+        request.num_computed_tokens = length - 1 if decoding else 0
+        requests.append(request)
+        counts.append(1 if decoding else length)
+    num_seqs = len(requests)
+    inputs = build_step_inputs(requests, counts, token_bucket=budget, max_num_seqs=num_seqs,
+                               pages_per_seq=pages_per_seq, history_width=1)
+    kv_shape = get_kv_cache_shape(next_page, page_size, config.num_kv_heads, config.head_dim)
+    kv_pages = [jax.random.normal(key, kv_shape, dtype)
+                for key in jax.random.split(jax.random.key(2), config.num_layers)]
+    platform = jax.devices()[0].platform
+    attention = make_attention(args.attention_backend, platform=platform,
+                               sm_scale=config.head_dim ** -0.5, sliding_window=None)
+    last = jnp.zeros(num_seqs, jnp.int32)
+    repeats = 3 if args.smoke else 10
+    row = {"decode_seqs": decode_seqs, "decode_context": context, "prefill_chunks": chunks,
+           "tokens": budget}
+
+    def timed(layer_attention) -> float:
+        step = jax.jit(functools.partial(_forward_step, config=config, attention=layer_attention),
+                       donate_argnums=(1,))
+        state = {"kv": kv_pages}
+
+        def run():
+            logits, _, state["kv"] = step(params, state["kv"], inputs.token_ids, inputs.token_src,
+                                          last, inputs.attention)
+            logits.block_until_ready()
+
+        seconds = median_seconds(run, repeats)
+        kv_pages[:] = state["kv"]
+        return seconds
+
+    row["forward_ms"] = 1e3 * timed(attention)
+    row["forward_without_attention_ms"] = 1e3 * timed(lambda q, k, v, kv, metadata: (q, kv))
+    q = jax.random.normal(jax.random.key(3), (budget, config.num_q_heads, config.head_dim), dtype)
+    k = jax.random.normal(jax.random.key(4), (budget, config.num_kv_heads, config.head_dim), dtype)
+    one_layer = jax.jit(attention, donate_argnums=(3,))
+    state = {"kv": kv_pages[0]}
+
+    def run_attention():
+        out, state["kv"] = one_layer(q, k, k, state["kv"], inputs.attention)
+        out.block_until_ready()
+
+    row["attention_ms"] = 1e3 * config.num_layers * median_seconds(run_attention, repeats)
+    # Every token goes through the layers' weights; only each sequence's last row through the head.
+    weights = (sum(x.size for x in jax.tree.leaves(params)) - params["embed"].size
+               - (params["lm_head"].size if "lm_head" in params else 0))
+    head = 2 * num_seqs * config.vocab_size * config.hidden_size
+    row["matmul_flop"] = 2 * budget * weights + head
+    seconds = row["forward_without_attention_ms"] / 1e3
+    row["achieved_matmul_flop_s"] = row["matmul_flop"] / seconds
+    row["fraction_of_matmul_rate"] = row["achieved_matmul_flop_s"] / matmul_flop_s
+    print(f"mixed step ({decode_seqs} decode at ctx {context} + prefill {chunks}): forward "
+          f"{row['forward_ms']:.1f} ms, without attention {row['forward_without_attention_ms']:.1f} ms "
+          f"({row['achieved_matmul_flop_s'] / 1e12:.0f} TFLOP/s = {row['fraction_of_matmul_rate']:.0%} "
+          f"of the matmul rate), attention alone x{config.num_layers} {row['attention_ms']:.1f} ms",
+          flush=True)
+    return row
+
+
 def print_offline(name: str, r: dict) -> None:
     print(f"{name}: {r['output_throughput']:.0f} out tok/s, {r['total_token_throughput']:.0f} total "
           f"tok/s, {r['request_throughput']:.2f} req/s | TTFT mean {r['mean_ttft_ms']:.0f} ms | "
@@ -560,6 +663,16 @@ def render_markdown(s: dict) -> str:
             floor = f"{row['floor_ms']:.2f} ms" if row.get("floor_ms") else "-"
             lines.append(f"| {row['batch']} | {row['step_ms']:.2f} ms | {floor} | {ratio} |")
         lines.append("")
+    m = j.get("mixed_step")
+    if m:
+        lines += ["## One offline-like mixed step, taken apart", "",
+                  f"{m['decode_seqs']} decode rows at ctx {m['decode_context']} plus prefill chunks "
+                  f"{m['prefill_chunks']} ({m['tokens']} tokens):", "",
+                  "| forward | forward, attention a pass-through | attention op alone x layers | "
+                  "matmul rate reached (pass-through) |", "| --- | --- | --- | --- |",
+                  f"| {m['forward_ms']:.1f} ms | {m['forward_without_attention_ms']:.1f} ms | "
+                  f"{m['attention_ms']:.1f} ms | {m['achieved_matmul_flop_s'] / 1e12:.0f} TFLOP/s = "
+                  f"{m['fraction_of_matmul_rate']:.0%} of the measured rate |", ""]
     if j.get("offline"):
         o, e = j["offline"], j.get("engine", {})
         w = s["args"]

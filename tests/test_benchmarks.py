@@ -219,6 +219,35 @@ def test_h100_serve_smoke(tmp_path, capsys):
     assert [row["request_rate"] for row in report["rate_sweep"]][-1] == "inf"
     assert all(row["failed"] == 0 for row in report["rate_sweep"])
     assert report["server_clean_exit"]
+    warm = report["warm_start"]  # the second start, on the compilation cache the first filled
+    assert warm["seconds_to_ready"] > 0 and warm["compiles_at_ready"]["compiles_after_warmup"] == 0
     markdown = (tmp_path / "h100_serve.md").read_text()
     assert "| median TPOT |" in markdown and "<= 7.5 ms" in markdown and "rate sweep" in markdown
     assert "rate inf" in capsys.readouterr().out
+
+
+def test_h100_llama8b_smoke(tmp_path, capsys):
+    """Issue 6's one-command H100 script, at tiny shapes on CPU: every part runs and reports."""
+    import h100_llama8b
+
+    argv = ["--smoke", "--skip-hf", "--step-breakdown", "--engine-decode-steps", "3",
+            "--out-dir", str(tmp_path)]
+    assert h100_llama8b.main(argv) == 0
+    report = json.loads((tmp_path / "jax.json").read_text())
+    args = h100_llama8b.parse_args(argv)
+    assert [row["batch"] for row in report["decode"]] == sorted(args.batches)
+    assert all(row["step_ms"] > 0 and row["floor_ms"] > 0 for row in report["decode"])
+    # engine_decode raises if a timed step returned fewer rows than the batch
+    assert [row["batch"] for row in report["engine_decode"]] == list(args.batches)
+    mixed = report["mixed_step"]
+    assert mixed["tokens"] == args.max_num_batched_tokens
+    assert mixed["decode_seqs"] + sum(mixed["prefill_chunks"]) == mixed["tokens"]
+    assert mixed["forward_ms"] > 0 and mixed["attention_ms"] > 0 and mixed["matmul_flop"] > 0
+    offline = report["offline"]
+    assert offline["completed"] == args.num_prompts and offline["failed"] == 0
+    assert offline["total_output_tokens"] == args.num_prompts * args.output_len  # EOS ignored
+    assert offline["compiles_during_run"] == 0
+    markdown = (tmp_path / "h100_llama8b.md").read_text()
+    for section in ("## Decode step at ctx", "Through the whole engine", "taken apart",
+                    "## Offline throughput"):
+        assert section in markdown
