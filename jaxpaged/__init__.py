@@ -5,14 +5,13 @@ import os
 __version__ = "0.1.0"
 
 # XLA's GPU command buffers (CUDA graphs) for fusions, cuBLAS(Lt) GEMMs and custom calls (the
-# Pallas/Triton kernels), set explicitly as measured, unless XLA_FLAGS already names the flag. With
-# async scheduling the host launches step N+1 while step N runs, and launching a Llama-8B step
-# kernel by kernel took the host ~6 ms, longer than the batch-1 step itself; as graphs ~3 ms. On
-# the H100 that took the engine's batch-1 decode step from 7.14 to 6.99 ms and serving TPOT at 4
-# streams from 9.0 to 7.0 ms (two leases; benchmarks/results/h100_serve.md). A synchronous step is slower with
-# them (8.2 -> 9.4 ms at batch 1: graphs are updated every step, as step inputs move), so turn them
-# off (`--xla_gpu_enable_command_buffer=`) with async scheduling off. XLA reads the flag when the
-# first backend starts.
+# Pallas/Triton kernels), set explicitly as measured, unless XLA_FLAGS already names the flag.
+# With async scheduling the host launches step N+1 while step N runs; launching a Llama-8B step
+# kernel by kernel took the host ~6 ms, longer than a batch-1 step, and as graphs ~3 ms. On the
+# H100 serving TPOT at 4 streams went from 9.0 to 7.0 ms (two leases;
+# benchmarks/results/h100_serve.md). A synchronous step is slower with them (8.2 -> 9.4 ms at
+# batch 1: graphs are updated every step, as step inputs move), so with async scheduling off turn
+# them off (`--xla_gpu_enable_command_buffer=`). XLA reads the flag when the first backend starts.
 COMMAND_BUFFER_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
 if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
