@@ -11,15 +11,20 @@ import time
 import numpy as np
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` (which must block until its work is done), after one warm-up."""
-    fn()
+def run_times(fn, repeats: int) -> list[float]:
+    """Wall time of each of `repeats` calls of `fn()` (which must block until its work is done)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` (which must block until its work is done), after one warm-up."""
+    fn()
+    return float(np.median(run_times(fn, repeats)))
 
 
 def ceiling_seconds(fn, repeats: int, warmup_seconds: float = 1.0) -> float:
@@ -30,12 +35,7 @@ def ceiling_seconds(fn, repeats: int, warmup_seconds: float = 1.0) -> float:
     end = time.perf_counter() + warmup_seconds
     while time.perf_counter() < end:
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(min(times))
+    return float(min(run_times(fn, repeats)))
 
 
 def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 50) -> float:
