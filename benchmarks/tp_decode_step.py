@@ -3,7 +3,11 @@
 For each TP size: random bf16 params drawn straight into their shardings (the same values at
 every TP size), the engine's runner with that sharding plan, then for each batch size one decode
 step (sharded forward over the paged cache + sampling on replicated logits, the engine's own
-compiled programs) with every sequence holding `--context` tokens. Reports the median step time.
+compiled programs) with every sequence holding `--context` tokens. Reports two times:
+- `step_ms`: the median of single steps, each waited for (what a synchronous engine sees,
+  including the host's launch time);
+- `pipelined_ms`: `--repeats` steps dispatched back to back and waited for once, per step (what
+  the engine's async scheduling sees: the device's step time once launches overlap).
 
     python3 benchmarks/tp_decode_step.py --tp 1 2 --batches 1 64 --context 1024 --out tp.json
     python3 benchmarks/tp_decode_step.py --smoke   # CPU, 2 fake devices, tiny shapes
@@ -17,6 +21,7 @@ if "--smoke" in sys.argv and "XLA_FLAGS" not in os.environ:  # before JAX starts
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -54,12 +59,26 @@ def decode_steps(config: ModelConfig, tp: int, batches: list[int], context: int,
         inputs, _ = decode_batch_inputs(batch, context, config.vocab_size, page_size, bucket)
         seconds = median_seconds(lambda: runner.execute(inputs, apply_penalties=False, draw="greedy"),
                                   repeats)
+        pipelined, dispatch = pipelined_seconds(runner, inputs, repeats)
         rows.append({"tp": tp, "batch": batch, "context": context, "step_ms": 1e3 * seconds,
+                     "pipelined_ms": 1e3 * pipelined, "dispatch_ms": 1e3 * dispatch,
                      "compile_seconds": compile_seconds, "programs": compiles,
                      "padding": list(plan.notes)})
         runner = None  # free this batch size's KV cache before the next one
     del params
     return rows
+
+
+def pipelined_seconds(runner: ModelRunner, inputs, steps: int) -> tuple[float, float]:
+    """Per-step wall time of `steps` steps dispatched without waiting, then waited for once; and
+    the host's per-step dispatch time within it (close to the first: the host is the bottleneck)."""
+    runner.fetch(runner.dispatch(inputs, apply_penalties=False, draw="greedy"))
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = runner.dispatch(inputs, apply_penalties=False, draw="greedy")
+    dispatched = time.perf_counter()
+    runner.fetch(out)
+    return (time.perf_counter() - start) / steps, (dispatched - start) / steps
 
 
 def main(argv=None) -> int:
@@ -87,16 +106,20 @@ def main(argv=None) -> int:
                                 args.repeats):
             rows.append(row)
             print(f"TP={tp} batch {row['batch']:4d} ctx {row['context']}: step "
-                  f"{row['step_ms']:8.2f} ms (compile {row['compile_seconds']:.0f} s)", flush=True)
+                  f"{row['step_ms']:8.2f} ms, pipelined {row['pipelined_ms']:8.2f} ms "
+                  f"(host dispatch {row['dispatch_ms']:.2f} ms) "
+                  f"(compile {row['compile_seconds']:.0f} s)", flush=True)
     for batch in args.batches:
-        by_tp = {r["tp"]: r["step_ms"] for r in rows if r["batch"] == batch}
-        if 1 in by_tp and len(by_tp) > 1:
-            print(f"batch {batch}: " + ", ".join(f"TP={tp} {by_tp[1] / ms:.2f}x TP=1's speed"
-                                                 for tp, ms in by_tp.items() if tp != 1))
+        for key in ("step_ms", "pipelined_ms"):
+            by_tp = {r["tp"]: r[key] for r in rows if r["batch"] == batch}
+            if 1 in by_tp and len(by_tp) > 1:
+                print(f"batch {batch} {key}: " + ", ".join(
+                    f"TP={tp} {by_tp[1] / ms:.2f}x TP=1's speed" for tp, ms in by_tp.items() if tp != 1))
     if args.out:
         Path(args.out).write_text(json.dumps({
             "command": " ".join(["python3", "benchmarks/tp_decode_step.py", *(argv or sys.argv[1:])]),
             "device": device, "num_devices": len(jax.devices()), "model": args.model,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "dtype": jnp.dtype(dtype).name, "rows": rows}, indent=2))
     return 0
 

@@ -251,3 +251,24 @@ def test_h100_llama8b_smoke(tmp_path, capsys):
     for section in ("## Decode step at ctx", "Through the whole engine", "taken apart",
                     "## Offline throughput"):
         assert section in markdown
+
+
+def test_tp_decode_step_smoke(tmp_path):
+    """Issue 5's TP=1 vs TP=2 decode benchmark at tiny shapes on 2 fake CPU devices (a fresh
+    interpreter: the device count is fixed when JAX starts)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    out = tmp_path / "tp.json"
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(root)
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "tp_decode_step.py"),
+                             "--smoke", "--out", str(out)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["num_devices"] == 2
+    assert [(row["tp"], row["batch"]) for row in report["rows"]] == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    assert all(row["step_ms"] > 0 and row["pipelined_ms"] > 0 for row in report["rows"])
+    assert "pipelined_ms: TP=2" in result.stdout
