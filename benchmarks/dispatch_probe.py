@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         args.batches, args.context, args.steps = [1, 4], 64, 5
         config, dtype = ModelConfig.from_hf_config(hf), jnp.float32
     else:
-        config = ModelConfig.from_hf_config(resolve_model(args.model, "dummy").hf_config())
+        config = resolve_model(args.model, "dummy").model_config()
         dtype = jnp.bfloat16
     params = random_params(config, dtype)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,

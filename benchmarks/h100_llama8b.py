@@ -102,10 +102,9 @@ def parse_args(argv=None):
 
 def workload(args):
     from jaxpaged.bench.datasets import random_requests
-    from jaxpaged.config import ModelConfig
     from jaxpaged.model_source import resolve_model
 
-    config = ModelConfig.from_hf_config(resolve_model(args.model, "dummy").hf_config())
+    config = resolve_model(args.model, "dummy").model_config()
     return random_requests(args.num_prompts, args.input_len, args.output_len, 0.0,
                            config.vocab_size, seed=0)
 
@@ -291,7 +290,6 @@ def run_jax(args) -> dict:
     from jaxpaged.attention import resolve_backend
     from jaxpaged.bench.datasets import random_requests, shared_prefix_requests
     from jaxpaged.bench.throughput import engine_summary, run_offline
-    from jaxpaged.config import ModelConfig
     from jaxpaged.llm import LLM
     from jaxpaged.model_source import resolve_model
     from jaxpaged.models.params import random_params
@@ -309,7 +307,7 @@ def run_jax(args) -> dict:
           f"{report['roofline']['matmul_flop_s'] / 1e12:.0f} TFLOP/s", flush=True)
     save()
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
-    config = ModelConfig.from_hf_config(resolve_model(args.model, "dummy").hf_config())
+    config = resolve_model(args.model, "dummy").model_config()
     params = random_params(config, dtype)
     report["decode"] = decode_steps(args, params, config, dtype, bw)
     save()

@@ -104,7 +104,7 @@ def parse_args(argv=None):
     if args.vocab_size is None:
         from jaxpaged.model_source import resolve_model
 
-        args.vocab_size = resolve_model(args.model, args.load_format).hf_config().vocab_size
+        args.vocab_size = resolve_model(args.model, args.load_format).model_config().vocab_size
     return args
 
 

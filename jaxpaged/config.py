@@ -14,6 +14,23 @@ ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the model's shapes, made on device
 
+# transformers' class defaults for the config.json fields `from_hf_config` reads, per family: a
+# config.json may leave any of them out, and transformers fills them from its config class. The
+# engine reads config.json itself (importing transformers, and with it torch, costs seconds of
+# start-up); tests/test_models.py checks this table against transformers' configs.
+_COMMON_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                        num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0,
+                        tie_word_embeddings=False)
+_QWEN_DEFAULTS = dict(_COMMON_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                      num_key_value_heads=32, max_position_embeddings=32768)
+HF_CONFIG_DEFAULTS = {
+    "llama": dict(_COMMON_DEFAULTS, intermediate_size=11008, max_position_embeddings=2048),
+    "mistral": dict(_COMMON_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                    max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": _QWEN_DEFAULTS,
+    "qwen3": dict(_QWEN_DEFAULTS, head_dim=128),
+}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -39,7 +56,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Any) -> "ModelConfig":
-        """Reads a transformers PretrainedConfig (or a plain dict from config.json)."""
+        """Reads a transformers PretrainedConfig, or a plain dict from config.json (fields it
+        leaves out take transformers' defaults for its family)."""
+        if isinstance(hf, dict):
+            hf = {**HF_CONFIG_DEFAULTS.get(hf.get("model_type"), {}), **hf}
         get = hf.get if isinstance(hf, dict) else lambda k, d=None: getattr(hf, k, d)
         model_type = get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:

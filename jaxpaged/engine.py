@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.config import EngineConfig, ModelConfig, pick_bucket
+from jaxpaged.config import EngineConfig, pick_bucket
 from jaxpaged.detokenizer import IncrementalDetokenizer
 from jaxpaged.model_source import resolve_model
 from jaxpaged.models.params import load_params, random_params
@@ -57,7 +57,7 @@ class Engine:
         begin = time.perf_counter()
         self.config = config
         self.source = resolve_model(config.model, config.load_format)
-        self.model_config = ModelConfig.from_hf_config(self.source.hf_config())
+        self.model_config = self.source.model_config()
         read_config = time.perf_counter()
         self.tokenizer = self.source.tokenizer()  # None: no tokenizer, prompts are token ids
         self.generation_defaults = self.source.generation_config()

