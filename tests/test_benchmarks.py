@@ -272,3 +272,53 @@ def test_tp_decode_step_smoke(tmp_path):
     assert [(row["tp"], row["batch"]) for row in report["rows"]] == [(1, 1), (1, 4), (2, 1), (2, 4)]
     assert all(row["step_ms"] > 0 and row["pipelined_ms"] > 0 for row in report["rows"])
     assert "pipelined_ms: TP=2" in result.stdout
+
+
+def test_decode_profile_arithmetic_on_a_hand_made_trace(tmp_path):
+    """Kernel events as the profiler writes them (perfetto JSON): stream rows count, the roll-up
+    row and host rows do not; overlapping kernels count once as busy."""
+    import gzip
+
+    import decode_profile
+
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
+            {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}}]
+    kernels = [("gemm_fusion_dot_1", 0, 100), ("ragged_paged_attention_gpu_decode", 50, 100),
+               ("loop_add_fusion", 200, 20), ("nvjet_sm90_tss", 300, 100)]  # 2 steps' worth
+    events = meta + [{"ph": "X", "pid": 1, "tid": 7, "name": n, "ts": t, "dur": d}
+                     for n, t, d in kernels]
+    events += [{"ph": "X", "pid": 1, "tid": 9, "name": "dot.1", "ts": 0, "dur": 400},
+               {"ph": "X", "pid": 2, "tid": 1, "name": "host", "ts": 0, "dur": 999}]
+    run = tmp_path / "plugins" / "profile" / "run"
+    run.mkdir(parents=True)
+    with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    found, rows = decode_profile.gpu_kernel_events(tmp_path)
+    assert sorted(e["name"] for e in found) == sorted(k[0] for k in kernels)
+    assert rows == ["Stream #7", "XLA Ops"]
+    summary = decode_profile.summarize(found, steps=2, weight_bytes=10**9)
+    # span 0..400 us; busy: 0..150 (overlap once) + 20 + 100 = 270 us; per step / 1e3 -> ms
+    assert summary["span_ms"] == pytest.approx(0.2) and summary["busy_ms"] == pytest.approx(0.135)
+    assert summary["idle_ms"] == pytest.approx(0.065)
+    assert summary["by_kind_ms"] == pytest.approx({"matmul": 0.1, "attention": 0.05, "other": 0.01})
+    # 1 GB per step over 100 us of matmul per step
+    assert summary["matmul_weight_bandwidth_tb_s"] == pytest.approx(10.0)
+    assert summary["kernels_per_step"] == 2
+
+
+def test_decode_profile_smoke(tmp_path, capsys):
+    """The script runs end to end on CPU (no GPU kernels there, which it says)."""
+    import decode_profile
+
+    from pallas_kernels.gpu import DECODE_DEFAULTS
+
+    before = dict(DECODE_DEFAULTS)
+    assert decode_profile.main(["--smoke", "--out-dir", str(tmp_path), "--max-num-seqs", "8",
+                                "--decode-pages-per-iter", "2"]) == 0
+    assert DECODE_DEFAULTS == before  # the experiment's kernel setting does not leak
+    report = json.loads((tmp_path / "decode_profile.json").read_text())
+    assert [row["batch"] for row in report["batches"]] == [1, 4]
+    assert all(row["max_num_seqs"] == 8 for row in report["batches"])
+    assert "no GPU kernel events" in capsys.readouterr().out

@@ -61,10 +61,12 @@ def matmul_rate(n: int = 8192, repeats: int = 30) -> float:
     return 2 * n ** 3 / seconds
 
 
-def decode_batch_inputs(batch: int, context: int, vocab_size: int, page_size: int, bucket: int):
+def decode_batch_inputs(batch: int, context: int, vocab_size: int, page_size: int, bucket: int,
+                        max_num_seqs: int | None = None):
     """One decode step's inputs for `batch` sequences that each hold `context` cached tokens (in
     pages laid out one sequence after another) and decode one more: what the decode-step
-    benchmarks time. Returns (StepInputs, pages_per_seq)."""
+    benchmarks time. `max_num_seqs` (default `batch`): the runner's sequence slots, as an engine
+    configured for more sequences than are running has. Returns (StepInputs, pages_per_seq)."""
     from jaxpaged.request import Request
     from jaxpaged.sampling_params import SamplingParams
     from jaxpaged.step_inputs import build_step_inputs
@@ -78,6 +80,7 @@ def decode_batch_inputs(batch: int, context: int, vocab_size: int, page_size: in
         request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
         request.num_computed_tokens = context - 1
         requests.append(request)
-    inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket, max_num_seqs=batch,
+    inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket,
+                               max_num_seqs=max_num_seqs or batch,
                                pages_per_seq=pages_per_seq, history_width=1)
     return inputs, pages_per_seq

@@ -1,0 +1,196 @@
+"""Where a decode step's device time goes: the GPU kernels of pipelined decode steps, by kind.
+
+Builds the engine's runner for a random-weight model (one bucket per batch size), dispatches
+decode steps back to back as the async engine does (every sequence holds `--context` tokens),
+and records `--steps` of them with the JAX profiler. From the trace's GPU kernel events it reports,
+per step: the device span (first kernel start to last kernel end, over the steps), the time a
+kernel was running, the idle time between kernels, and the busy time by kind (matmul, attention,
+other fusions, copies) with the top kernels. Matmul bandwidth = the weights a step reads (all but
+the embedding table) over the matmul time.
+
+    python3 benchmarks/decode_profile.py --batches 1 32 --context 1024 --out-dir prof
+    python3 benchmarks/decode_profile.py --smoke --out-dir /tmp/prof   # CPU: host events only
+"""
+
+import argparse
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+KINDS = (  # first match wins; names are the GPU kernels' (cuBLAS, Triton/Pallas, XLA fusions)
+    ("attention", re.compile(r"ragged_paged_attention|paged_attention", re.I)),
+    ("matmul", re.compile(r"gemm|gemv|cublas|cutlass|nvjet|xmma|sm90_|sm80_|dot", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy", re.I)),
+    ("collective", re.compile(r"nccl", re.I)),
+)
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
+
+
+def gpu_kernel_events(trace_dir: Path) -> tuple[list[dict], list[str]]:
+    """The 'X' events on the trace's GPU streams (name, ts and dur in microseconds), and the
+    names of the GPU rows found."""
+    files = sorted(trace_dir.rglob("perfetto_trace.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    data = json.load(gzip.open(files[-1]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "GPU" in str(e.get("args", {}).get("name", ""))}
+    # A GPU's rows: one per CUDA stream (the kernels), plus roll-ups ("XLA Ops", "XLA Modules")
+    # that would count the same time again: keep the stream rows.
+    threads = {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
+    streams = {key for key, name in threads.items() if name.lower().startswith("stream")}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids
+               and e.get("dur") and (not streams or (e["pid"], e.get("tid")) in streams)]
+    return kernels, sorted(set(threads.values()))
+
+
+def busy_time(events: list[dict]) -> float:
+    """Microseconds during which at least one kernel ran (overlaps counted once)."""
+    total, end = 0.0, float("-inf")
+    for e in sorted(events, key=lambda e: e["ts"]):
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def summarize(events: list[dict], steps: int, weight_bytes: int) -> dict:
+    if not events:
+        return {"kernels": 0}
+    # Kernels of one stream only (CUPTI also reports a per-stream roll-up on some versions).
+    span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+    by_kind, by_name, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for e in events:
+        by_kind[kind_of(e["name"])] += e["dur"]
+        by_name[e["name"]] += e["dur"]
+        count[e["name"]] += 1
+    busy = busy_time(events)
+    matmul_us = by_kind.get("matmul", 0.0) / steps
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:15]
+    return {
+        "kernels_per_step": len(events) / steps,
+        "span_ms": span / steps / 1e3, "busy_ms": busy / steps / 1e3,
+        "idle_ms": (span - busy) / steps / 1e3,
+        "by_kind_ms": {k: v / steps / 1e3 for k, v in sorted(by_kind.items(), key=lambda i: -i[1])},
+        "matmul_weight_bandwidth_tb_s": weight_bytes / (matmul_us * 1e-6) / 1e12 if matmul_us else None,
+        "top_kernels": [{"name": name[:120], "kind": kind_of(name), "ms_per_step": us / steps / 1e3,
+                         "calls_per_step": count[name] / steps} for name, us in top],
+    }
+
+
+def profile_batch(runner, inputs, steps: int, trace_dir: Path) -> tuple[list[dict], list[str]]:
+    import jax
+
+    for _ in range(3):  # warm: compiled, clocks up, buffers allocated
+        out = runner.dispatch(inputs, apply_penalties=False, draw="greedy")
+    runner.fetch(out)
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for _ in range(steps):
+            out = runner.dispatch(inputs, apply_penalties=False, draw="greedy")
+        runner.fetch(out)
+    return gpu_kernel_events(trace_dir)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3.1-8b", help="a shipped config (random weights)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="the runner's sequence slots (default: the batch), e.g. 256 as the "
+                             "engine benchmark configures")
+    parser.add_argument("--decode-pages-per-iter", type=int, default=None,
+                        help="experiment: the GPU decode kernel's pages per loop iteration")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    from pallas_kernels import gpu
+
+    saved_defaults = dict(gpu.DECODE_DEFAULTS)
+    if args.decode_pages_per_iter:  # traced into the programs below; restored on the way out
+        gpu.DECODE_DEFAULTS["pages_per_iter"] = args.decode_pages_per_iter
+    try:
+        return profile(args, config_for(args))
+    finally:
+        gpu.DECODE_DEFAULTS.update(saved_defaults)
+
+
+def config_for(args):
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.model_source import resolve_model
+
+    if args.smoke:
+        args.context, args.batches, args.steps = 32, [1, 4], 2
+        return ModelConfig(model_type="llama", vocab_size=256, hidden_size=64,
+                           intermediate_size=128, num_layers=2, num_q_heads=4, num_kv_heads=2,
+                           head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0)
+    return resolve_model(args.model, "dummy").model_config()
+
+
+def profile(args, config) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpaged.bench.roofline import decode_batch_inputs
+    from jaxpaged.models.params import random_params
+    from jaxpaged.runner import ModelRunner
+
+    dtype = jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
+    params = random_params(config, dtype)
+    weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params)) - params["embed"].nbytes
+    if config.tie_word_embeddings:  # the tied table is also the LM head, read every step
+        weight_bytes += params["embed"].nbytes
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"command": "python3 benchmarks/decode_profile.py " + " ".join(args.argv or sys.argv[1:]),
+              "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "model": args.model if not args.smoke else "smoke", "context": args.context,
+              "weight_bytes_per_step": weight_bytes, "batches": []}
+    for batch in args.batches:
+        bucket = max(batch, 8)
+        max_num_seqs = max(batch, args.max_num_seqs or batch)
+        inputs, pages_per_seq = decode_batch_inputs(batch, args.context, config.vocab_size,
+                                                    args.page_size, bucket, max_num_seqs)
+        runner = ModelRunner(config, params, num_pages=batch * pages_per_seq,
+                             page_size=args.page_size, max_num_seqs=max_num_seqs,
+                             pages_per_seq=pages_per_seq, max_model_len=args.context + 1,
+                             token_buckets=(bucket,), attention_backend="auto", kv_dtype=dtype)
+        runner.warmup()
+        with tempfile.TemporaryDirectory(dir=out) as trace_dir:
+            events, rows = profile_batch(runner, inputs, args.steps, Path(trace_dir))
+        row = {"batch": batch, "max_num_seqs": max_num_seqs,
+               "xla_flags": os.environ.get("XLA_FLAGS", ""),
+               "decode_pages_per_iter": args.decode_pages_per_iter, "gpu_rows": rows, **summarize(events, args.steps, weight_bytes)}
+        report["batches"].append(row)
+        runner = None
+        if row.get("kernels_per_step"):
+            print(f"batch {batch}: span {row['span_ms']:.2f} ms/step, kernels busy "
+                  f"{row['busy_ms']:.2f}, idle {row['idle_ms']:.2f}; "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in row["by_kind_ms"].items())
+                  + (f"; matmuls read weights at {row['matmul_weight_bandwidth_tb_s']:.2f} TB/s"
+                     if row["matmul_weight_bandwidth_tb_s"] else ""), flush=True)
+            for k in row["top_kernels"][:8]:
+                print(f"    {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:5.1f} {k['kind']:10s} "
+                      f"{k['name'][:90]}")
+        else:
+            print(f"batch {batch}: no GPU kernel events (CPU run)", flush=True)
+        (out / "decode_profile.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
