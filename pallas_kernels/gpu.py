@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu_decode import decode_attention, decode_rows, num_splits_for
+from pallas_kernels.gpu_decode import NUM_SMS, decode_attention, decode_rows, num_splits_for
 from pallas_kernels.reference import _token_layout, _validate
 
 
@@ -210,7 +210,7 @@ def ragged_paged_attention_gpu(
     Same contract as the reference; the keyword arguments are static (jit-compatible as a plain
     function; donate kv_pages to update it in place). q_block_size / pages_per_kv_block /
     num_warps / num_stages tune the prefill kernel; `decode` (keys of DECODE_DEFAULTS) the decode
-    kernel: pages_per_iter (None: 32 keys per iteration) and num_splits (None: from the grid).
+    kernel: pages_per_iter (None: 32 or 128 keys per iteration, by the grid's size) and num_splits (None: from the grid).
     decode_impl="triton" runs decode rows through `triton_decode.py` instead; `decode` then takes
     the keys of `triton_decode.DEFAULTS`.
     """
@@ -288,9 +288,12 @@ def ragged_paged_attention_gpu(
     slot_tok = jnp.where(slot_valid, cu[slot_seq], num_tokens)  # [slots] T: dropped below
     slot_meta = jnp.stack([slot_seq, jnp.minimum(slot_tok, num_tokens - 1),
                            jnp.where(slot_valid, kv_lens[slot_seq], 0)], axis=1).astype(jnp.int32)  # [slots, 3]
-    # 32 keys an iteration: against 128, decode at ctx 1024 on the H100 was 6.6% faster at batch 32
-    # and 2.9% at 256, even at batch 1 (benchmarks/results/decode_profile_h100.md).
-    pages_per_iter = dec["pages_per_iter"] or max(1, min(32 // page_size, pages_per_seq))
+    # Keys an iteration: 32 once the grid has a program per SM before splitting, else 128. In an
+    # 8B decode step at ctx 1024 on the H100, 32 keys made attention 22% faster at batch 32 and 5%
+    # at 256, but 10% slower in the 8-slot bucket of batch 1 (benchmarks/results/
+    # decode_profile_h100.md).
+    keys = 32 if slots * num_kv_heads >= NUM_SMS else 128
+    pages_per_iter = dec["pages_per_iter"] or max(1, min(keys // page_size, pages_per_seq))
     num_splits = dec["num_splits"] or num_splits_for(slots, num_kv_heads, pages_per_seq, pages_per_iter)
     res = decode_attention(
         qh, kv_pages, pages_flat, slot_meta, num_slots=slots, pages_per_seq=pages_per_seq,

@@ -8,11 +8,12 @@ so it is bound by HBM bandwidth, and what matters is keeping enough loads in fli
 - When slots x kv heads is too small to fill the GPU, each sequence's pages are cut into
   `num_splits` contiguous ranges, one per program; each writes a float32 partial output and its
   log-sum-exp, and a small jnp step merges the splits.
-- Each loop iteration visits `pages_per_iter` pages (unrolled; default 32 keys), and
-  `num_stages` asks Triton's software pipeliner to prefetch the next iteration's pages while this
-  one computes (2 vs 3 stages, 4 vs 8 warps: within noise on the H100; 256 keys per iteration was
-  15-30% slower than 128, and 32 keys 3-7% faster than 128 in an 8B decode step at batch 32-256,
-  16 keys slower). Numbers: benchmarks/results/gpu_kernel_bench_h100.md, decode_profile_h100.md.
+- Each loop iteration visits `pages_per_iter` pages (unrolled; default 32 keys when slots x kv
+  heads fill the SMs, else 128), and `num_stages` asks Triton's software pipeliner to prefetch
+  the next iteration's pages while this one computes (2 vs 3 stages, 4 vs 8 warps: within noise
+  on the H100; 256 keys per iteration was 15-30% slower than 128; in an 8B decode step 32 keys
+  beat 128 by 22% at batch 32 and 5% at 256 but lost 10% at batch 1, and 16 keys lost
+  everywhere). Numbers: benchmarks/results/gpu_kernel_bench_h100.md, decode_profile_h100.md.
 """
 
 import functools
