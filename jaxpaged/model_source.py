@@ -91,7 +91,8 @@ class ModelSource:
 
     def model_config(self) -> ModelConfig:
         """The engine's `ModelConfig`, read from config.json without importing transformers."""
-        return ModelConfig.from_hf_config(json.loads((self._config_dir() / "config.json").read_text()))
+        config_file = self._config_dir() / "config.json"
+        return ModelConfig.from_hf_config(json.loads(config_file.read_text()))
 
     def tokenizer(self):
         """The transformers tokenizer (for a GGUF, a converted copy cached on disk), or None for

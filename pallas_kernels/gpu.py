@@ -210,7 +210,8 @@ def ragged_paged_attention_gpu(
     Same contract as the reference; the keyword arguments are static (jit-compatible as a plain
     function; donate kv_pages to update it in place). q_block_size / pages_per_kv_block /
     num_warps / num_stages tune the prefill kernel; `decode` (keys of DECODE_DEFAULTS) the decode
-    kernel: pages_per_iter (None: 32 or 128 keys per iteration, by the grid's size) and num_splits (None: from the grid).
+    kernel: pages_per_iter (None: 32 or 128 keys per iteration, by the grid's size) and
+    num_splits (None: from the grid).
     decode_impl="triton" runs decode rows through `triton_decode.py` instead; `decode` then takes
     the keys of `triton_decode.DEFAULTS`.
     """
@@ -290,8 +291,8 @@ def ragged_paged_attention_gpu(
                            jnp.where(slot_valid, kv_lens[slot_seq], 0)], axis=1).astype(jnp.int32)  # [slots, 3]
     # Keys an iteration: 32 once the grid has a program per SM before splitting, else 128. In an
     # 8B decode step at ctx 1024 on the H100, 32 keys made attention 22% faster at batch 32 and 5%
-    # at 256, but 10% slower in the 8-slot bucket of batch 1 (benchmarks/results/
-    # decode_profile_h100.md).
+    # at 256, but 10% slower in the 8-slot bucket of batch 1 (decode_profile_h100.md in
+    # benchmarks/results).
     keys = 32 if slots * num_kv_heads >= NUM_SMS else 128
     pages_per_iter = dec["pages_per_iter"] or max(1, min(keys // page_size, pages_per_seq))
     num_splits = dec["num_splits"] or num_splits_for(slots, num_kv_heads, pages_per_seq, pages_per_iter)
