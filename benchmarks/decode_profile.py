@@ -68,7 +68,6 @@ def busy_time(events: list[dict]) -> float:
 def summarize(events: list[dict], steps: int, weight_bytes: int) -> dict:
     if not events:
         return {"kernels": 0}
-    # Kernels of one stream only (CUPTI also reports a per-stream roll-up on some versions).
     span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
     by_kind, by_name, count = defaultdict(float), defaultdict(float), defaultdict(int)
     for e in events:
@@ -145,15 +144,13 @@ def profile(args, config) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxpaged.bench.roofline import decode_batch_inputs
+    from jaxpaged.bench.roofline import decode_batch_inputs, decode_weight_bytes
     from jaxpaged.models.params import random_params
     from jaxpaged.runner import ModelRunner
 
     dtype = jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
     params = random_params(config, dtype)
-    weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params)) - params["embed"].nbytes
-    if config.tie_word_embeddings:  # the tied table is also the LM head, read every step
-        weight_bytes += params["embed"].nbytes
+    weight_bytes = decode_weight_bytes(params, config)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"command": "python3 benchmarks/decode_profile.py " + " ".join(args.argv or sys.argv[1:]),

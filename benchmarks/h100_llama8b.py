@@ -171,11 +171,9 @@ def decode_steps(args, params, config, dtype, bandwidth: float) -> list[dict]:
     """One decode step per batch size at ctx `args.context`, each part timed on its own."""
     import gc
 
-    import jax
+    from jaxpaged.bench.roofline import decode_weight_bytes
 
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    if not config.tie_word_embeddings:  # decode gathers a few embedding rows, not the table
-        weight_bytes -= params["embed"].size * params["embed"].dtype.itemsize
+    weight_bytes = decode_weight_bytes(params, config)
     rows = []
     for batch in sorted(args.batches, reverse=True):  # the largest first, into unfragmented memory
         try:

@@ -61,6 +61,15 @@ def matmul_rate(n: int = 8192, repeats: int = 30) -> float:
     return 2 * n ** 3 / seconds
 
 
+def decode_weight_bytes(params, config) -> int:
+    """Bytes of weights a decode step reads: every param but the embedding table, of which
+    decode gathers a few rows (unless it is tied, and so also the LM head)."""
+    import jax
+
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    return total if config.tie_word_embeddings else total - params["embed"].nbytes
+
+
 def decode_batch_inputs(batch: int, context: int, vocab_size: int, page_size: int, bucket: int,
                         max_num_seqs: int | None = None):
     """One decode step's inputs for `batch` sequences that each hold `context` cached tokens (in
