@@ -73,9 +73,10 @@ def convert(src: str, dst: str | Path, *, dtype: str = "auto", model_type: str |
                 if file.is_file():
                     shutil.copy2(file, tmp / file.name)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, default=str))
-        generation = source.generation_config()
+        tokenizer = source.tokenizer()
+        generation = source.generation_config(tokenizer)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        chat_template = source.tokenizer().chat_template
+        chat_template = tokenizer.chat_template
         metadata = {
             "format": FORMAT,
             "converter_version": CONVERTER_VERSION,

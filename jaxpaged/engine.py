@@ -60,7 +60,7 @@ class Engine:
         self.model_config = self.source.model_config()
         read_config = time.perf_counter()
         self.tokenizer = self.source.tokenizer()  # None: no tokenizer, prompts are token ids
-        self.generation_defaults = self.source.generation_config()
+        self.generation_defaults = self.source.generation_config(self.tokenizer)
         read_tokenizer = time.perf_counter()
         self.dtype = resolve_dtype(config.dtype)  # the first device query starts the backend
         self.plan = ShardingPlan.build(self.model_config, config.tensor_parallel_size)

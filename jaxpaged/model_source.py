@@ -121,12 +121,13 @@ class ModelSource:
                 "--load-format dummy)")
         return read_safetensors_dir(self.path)
 
-    def generation_config(self) -> dict:
-        """generation_config.json of an HF dir; for a GGUF, the tokenizer's bos/eos ids."""
+    def generation_config(self, tokenizer=None) -> dict:
+        """generation_config.json of an HF dir; for a GGUF, the tokenizer's bos/eos ids (pass
+        the tokenizer if it is already loaded)."""
         if self.kind != "gguf":
             file = self.path / "generation_config.json"
             return json.loads(file.read_text()) if file.is_file() else {}
-        tok = self.tokenizer()
+        tok = tokenizer or self.tokenizer()
         ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
         return {k: v for k, v in ids.items() if v is not None}
 
