@@ -11,7 +11,8 @@ ratio to the matmul rate. The pure-jnp reference is timed where it runs in reaso
 `--decode-impl pallas triton` times both decode kernels of the op (`decode_impl=`) on the same
 shapes in one run; `--kernel-only` adds the Triton decode kernel alone (no KV write, no prefill
 path, no metadata ops) for batch 1 and 32, which separates the kernel from the op's fixed costs;
-`--sweep-triton` adds Triton tile/pipelining/split variants; `--md` writes a side-by-side table.
+`--sweep-triton` adds Triton tile/pipelining/split variants; `--sweep-prefill` prefill block, warp
+and pipelining variants; `--md` writes a side-by-side table.
 
     python benchmarks/gpu_kernel_bench.py --sweep --out results.json
     python benchmarks/gpu_kernel_bench.py --decode-only --no-ref --decode-impl pallas triton --out r.json --md r.md
@@ -144,6 +145,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sweep", action="store_true", help="also page-size and decode-variant sweeps")
     ap.add_argument("--decode-only", action="store_true")
+    ap.add_argument("--prefill-only", action="store_true")
+    ap.add_argument("--sweep-prefill", action="store_true",
+                    help="also prefill block/warps/stages variants at page 16 (the engine's default)")
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--loop", type=int, default=20, help="op applications per timed program (1: one jitted call each)")
     ap.add_argument("--decode-impl", nargs="+", default=["pallas"], choices=["pallas", "triton"],
@@ -163,7 +167,8 @@ def main():
         ceilings = dict(copy=copy_bandwidth(1 << 16, 1), matmul=matmul_rate(64, 1))
     else:
         hq, hkv, d, rounds, page = 32, 8, 128, a.rounds, a.page_size
-        cases = [("decode", b, 1, c) for b in (1, 8, 32, 128) for c in (512, 2048, 8192, 32768)]
+        cases = [] if a.prefill_only else [("decode", b, 1, c) for b in (1, 8, 32, 128)
+                                           for c in (512, 2048, 8192, 32768)]
         cases += [] if a.decode_only else [("prefill", 1, 2048, 2048), ("prefill", 8, 512, 512)]
         ceilings = dict(copy=copy_bandwidth(4 << 30, rounds), matmul=matmul_rate(8192, rounds))
     device = jax.devices()[0].device_kind
@@ -212,8 +217,16 @@ def main():
                 dec = dict(num_warps=warps, num_stages=stages, pages_per_iter=max(1, keys // page))
                 measure_row("decode", batch, 1, ctx, page, "pallas", dict(decode=dec))
         for bq, ppb, warps, stages in ((16, 1, 4, 2), (32, 1, 8, 2)):
-            opts = dict(q_block_size=bq, pages_per_kv_block=ppb, num_warps=warps, num_stages=stages)
+            opts = dict(q_block_size=bq, kv_block_size=ppb * page, num_warps=warps, num_stages=stages)
             measure_row("prefill", 1, 2048, 2048, page, "pallas", opts)
+    if a.sweep_prefill and not a.smoke:
+        # (q block, keys per KV block, warps, stages); the first is the default at page 16.
+        variants = ((16, 64, 4, 1), (16, 64, 4, 2), (16, 64, 4, 3), (16, 32, 4, 2), (16, 128, 4, 2),
+                    (32, 64, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2))
+        for batch, q_len in ((1, 2048), (8, 512)):
+            for bq, keys, warps, stages in variants:
+                opts = dict(q_block_size=bq, kv_block_size=keys, num_warps=warps, num_stages=stages)
+                measure_row("prefill", batch, q_len, q_len, 16, "pallas", opts)
 
 
 def markdown_table(rows, device, ceilings):

@@ -68,7 +68,7 @@ def main():
         args = make_batch(seqs, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=dtype,
                           pad_tokens=5, pad_seqs=1)
         records.clear()
-        op = lambda *a: ragged_paged_attention_gpu(*a, sm_scale=d**-0.5, q_block_size=16, pages_per_kv_block=2,
+        op = lambda *a: ragged_paged_attention_gpu(*a, sm_scale=d**-0.5, q_block_size=16, kv_block_size=32,
                                                    decode_impl="triton", decode=dec, **static)
         text = jax.jit(op).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         kernels = [(a[0], f"{a[3]} B shared") for kind, a in records if kind == "TritonKernel"]

@@ -37,9 +37,8 @@ def _pallas_op(platform: str):
 
     if platform == "gpu":
         return functools.partial(ragged_paged_attention_gpu, interpret=False)
-    # Interpret mode: one page per loop step, since unrolled pages only multiply compile time.
-    return functools.partial(ragged_paged_attention_gpu, interpret=True, pages_per_kv_block=1,
-                             decode=dict(pages_per_iter=1))
+    # Interpret mode: one page per decode loop step, since unrolled pages only multiply compile time.
+    return functools.partial(ragged_paged_attention_gpu, interpret=True, decode=dict(pages_per_iter=1))
 
 
 def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window: int | None):

@@ -13,8 +13,11 @@ Three kernels per call:
   sequence. Grid (query block, kv head); the block's rows for the kv head's group of q heads are
   folded into the M dimension (M = q_block_size * group_pad, token-major), with the group padded
   to a power of two (SmolLM2's group of 3 becomes 4: the extra row is computed and dropped). Each
-  program loops over KV blocks of `pages_per_kv_block` pages up to its causal limit, starting at
-  the sliding window. Padding blocks have 0 rows and no KV work.
+  program loops over KV blocks of `kv_block_size` keys (default 64) up to its causal limit,
+  starting at the sliding window; a block's keys are gathered row by row from their pages into
+  one [keys, D] tile, so each step is one pair of dots whatever the page size (on the H100 this
+  made prefill 1.2-1.4x faster than a step per 16-key page). Padding blocks have 0 rows and no KV
+  work.
 Both attention kernels read q from one padded layout [Hkv, rows, D] (row = token * group_pad + g)
 so no per-block copy of q is made; outputs are stored with row masks, so a block's spare rows
 never clobber another sequence's tokens. Scores beyond the causal limit are masked with
@@ -40,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu_decode import NUM_SMS, decode_attention, decode_rows, num_splits_for
+from pallas_kernels.gpu_decode import NUM_SMS, decode_attention, decode_rows, num_splits_for, split_count
 from pallas_kernels.reference import _token_layout, _validate
 
 
@@ -53,17 +56,25 @@ def compiled_supports(page_size: int, head_dim: int) -> bool:
     return page_size >= 16 and page_size == _next_pow2(page_size) and head_dim == _next_pow2(head_dim)
 
 
-def _validate_blocks(q, kv_pages, q_block_size, pages_per_kv_block, interpret) -> None:
-    if q_block_size < 1 or pages_per_kv_block < 1:
-        raise ValueError(f"q_block_size={q_block_size} and pages_per_kv_block={pages_per_kv_block} must be >= 1")
+def _validate_blocks(q, kv_pages, q_block_size, kv_block_size, interpret) -> None:
+    if q_block_size < 1 or kv_block_size < 1:
+        raise ValueError(f"q_block_size={q_block_size} and kv_block_size={kv_block_size} must be >= 1")
     if interpret:
         return
     page_size, head_dim = kv_pages.shape[1], q.shape[2]
-    bad = {name: n for name, n in dict(q_block_size=q_block_size, page_size=page_size, head_dim=head_dim).items()
-           if n != _next_pow2(n)}
-    if bad or not compiled_supports(page_size, head_dim):
-        raise ValueError(f"the Triton lowering needs power-of-two block dims and page_size >= 16, got "
-                         f"page_size={page_size}, head_dim={head_dim}, q_block_size={q_block_size}")
+    dims = dict(q_block_size=q_block_size, kv_block_size=kv_block_size, page_size=page_size,
+                head_dim=head_dim)
+    bad = {name: n for name, n in dims.items() if n != _next_pow2(n)}
+    if bad or kv_block_size < 16 or not compiled_supports(page_size, head_dim):
+        raise ValueError(f"the Triton lowering needs power-of-two block dims, page_size and "
+                         f"kv_block_size >= 16, got {dims}")
+
+
+def _prefill_stages(kv_block_size: int, head_dim: int, itemsize: int) -> int:
+    """Pipelining depth of the prefill kernel's K/V loads within the H100's shared memory: 3 for
+    bf16 at head_dim 128 (3 beat 1 by ~4% there), fewer for wider tiles."""
+    stage_bytes = 2 * kv_block_size * head_dim * itemsize
+    return 3 if stage_bytes <= 32 << 10 else 2 if stage_bytes <= 64 << 10 else 1
 
 
 # ---- KV write -------------------------------------------------------------------------------
@@ -127,7 +138,10 @@ def _prefill_metadata(cu, q_lens, kv_lens, num_seqs, num_tokens, bq, num_blocks)
 
 
 def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, sliding_window, soft_cap,
-                    group_pad, bq, page_size, pages_per_seq, pages_per_kv_block, exact):
+                    group_pad, bq, page_size, pages_per_seq, kv_block, exact):
+    """kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of `kv_block`
+    keys is gathered row by row from its pages into one tile, so the dots are [M, kv_block] wide
+    whatever the page size."""
     b, h = pl.program_id(0), pl.program_id(1)
     seq, start, rows, pos0, kv_len = (meta_ref[b, i] for i in range(5))
     m_rows = bq * group_pad
@@ -136,41 +150,37 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
     r = lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0) // group_pad  # [M, 1] token row of each M row
     q_pos = pos0 + r  # [M, 1]
     row_ok = r < rows  # [M, 1]
-    chunk = page_size * pages_per_kv_block
     last = pos0 + rows - 1  # causal limit of the block's last row
-    num_chunks = jnp.where(rows > 0, (last + chunk) // chunk, 0)
-    first_chunk = 0 if sliding_window is None else jnp.minimum(jnp.maximum(pos0 - sliding_window + 1, 0) // chunk, num_chunks)
+    num_blocks = jnp.where(rows > 0, (last + kv_block) // kv_block, 0)
+    first_block = 0 if sliding_window is None else jnp.minimum(
+        jnp.maximum(pos0 - sliding_window + 1, 0) // kv_block, num_blocks)
+    offsets = lax.broadcasted_iota(jnp.int32, (kv_block,), 0)  # [C]
 
-    def page_step(col, stats):
+    def block_step(c, stats):
         m, l, acc = stats
-        page = pages_ref[seq * pages_per_seq + jnp.minimum(col, pages_per_seq - 1)]
-        k = kv_ref[page, :, 2 * h, :]  # [P, D]
-        v = kv_ref[page, :, 2 * h + 1, :]  # [P, D]
-        key_pos = col * page_size + lax.broadcasted_iota(jnp.int32, (1, page_size), 1)  # [1, P]
-        s = _mm(q, k, trans_b=True, exact=exact) * sm_scale  # [M, P]
+        key_pos = c * kv_block + offsets  # [C]
+        col = jnp.minimum(key_pos // page_size, pages_per_seq - 1)
+        cache_row = pages_ref[seq * pages_per_seq + col] * page_size + key_pos % page_size  # [C]
+        k = kv_ref[cache_row, 2 * h, :]  # [C, D]
+        v = kv_ref[cache_row, 2 * h + 1, :]  # [C, D]
+        s = _mm(q, k, trans_b=True, exact=exact) * sm_scale  # [M, C]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        ok = (key_pos <= q_pos) & row_ok  # [M, P]
+        ok = (key_pos[None, :] <= q_pos) & row_ok  # [M, C]
         if sliding_window is not None:
-            ok &= q_pos - key_pos < sliding_window
+            ok &= q_pos - key_pos[None, :] < sliding_window
         s = jnp.where(ok, s, -jnp.inf)
-        key_in = lax.broadcasted_iota(jnp.int32, (page_size, 1), 0) + col * page_size < kv_len  # [P, 1]
-        v = jnp.where(key_in, v, jnp.zeros_like(v))
+        v = jnp.where((key_pos < kv_len)[:, None], v, jnp.zeros_like(v))  # recycled pages may hold NaN
         m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [M]
         m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
-        p = jnp.exp(s - m_safe[:, None])  # [M, P]
+        p = jnp.exp(s - m_safe[:, None])  # [M, C]
         alpha = jnp.exp(m - m_safe)  # [M]
         pv = _mm(p.astype(v.dtype), v, trans_b=False, exact=exact)  # [M, D]
         return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * acc + pv
 
-    def chunk_body(c, stats):
-        for i in range(pages_per_kv_block):  # unrolled: one online-softmax step per page
-            stats = page_step(c * pages_per_kv_block + i, stats)
-        return stats
-
     stats = (jnp.full((m_rows,), -jnp.inf, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
              jnp.zeros((m_rows, head_dim), jnp.float32))
-    _, l, acc = lax.fori_loop(first_chunk, num_chunks, chunk_body, stats)
+    _, l, acc = lax.fori_loop(first_block, num_blocks, block_step, stats)
     out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
     # Rows past the block's end belong to other tokens: masked, never stored.
     plgpu.store(o_ref.at[h, pl.ds(start * group_pad, m_rows), :], out,
@@ -198,9 +208,9 @@ def ragged_paged_attention_gpu(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     q_block_size: int = 16,
-    pages_per_kv_block: int = 4,
+    kv_block_size: int = 64,
     num_warps: int = 4,
-    num_stages: int = 1,
+    num_stages: int | None = None,
     decode: dict | None = None,
     decode_impl: str = "pallas",
     interpret: bool = False,
@@ -208,15 +218,15 @@ def ragged_paged_attention_gpu(
     """Writes k/v into kv_pages, then attends; returns (out [T, Hq, D] in q.dtype, new kv_pages).
 
     Same contract as the reference; the keyword arguments are static (jit-compatible as a plain
-    function; donate kv_pages to update it in place). q_block_size / pages_per_kv_block /
-    num_warps / num_stages tune the prefill kernel; `decode` (keys of DECODE_DEFAULTS) the decode
+    function; donate kv_pages to update it in place). q_block_size / kv_block_size /
+    num_warps / num_stages (None: by the tile's bytes) tune the prefill kernel; `decode` (keys of DECODE_DEFAULTS) the decode
     kernel: pages_per_iter (None: 32 or 128 keys per iteration, by the grid's size) and
     num_splits (None: from the grid).
     decode_impl="triton" runs decode rows through `triton_decode.py` instead; `decode` then takes
     the keys of `triton_decode.DEFAULTS`.
     """
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-    _validate_blocks(q, kv_pages, q_block_size, pages_per_kv_block, interpret)
+    _validate_blocks(q, kv_pages, q_block_size, kv_block_size, interpret)
     if decode_impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {', '.join(DECODE_IMPLS)}, got {decode_impl!r}")
     if decode_impl == "triton":
@@ -257,7 +267,7 @@ def ragged_paged_attention_gpu(
     kernel = functools.partial(
         _prefill_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
         group_pad=group_pad, bq=bq, page_size=page_size, pages_per_seq=pages_per_seq,
-        pages_per_kv_block=pages_per_kv_block, exact=q.dtype == jnp.float32)
+        kv_block=kv_block_size, exact=q.dtype == jnp.float32)
     whole = pl.BlockSpec()
     out_p = pl.pallas_call(
         kernel,
@@ -265,10 +275,13 @@ def ragged_paged_attention_gpu(
         in_specs=[whole, whole, whole, whole],
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=num_warps,
+            num_stages=num_stages or _prefill_stages(kv_block_size, head_dim, kv_pages.dtype.itemsize)),
         interpret=interpret,
         name="ragged_paged_attention_gpu_prefill",
-    )(meta, pages_flat, qh, kv_pages)  # [Hkv, rows, D], only prefill tokens' rows written
+    )(meta, pages_flat, qh, kv_pages.reshape(num_pages * page_size, two_hkv, head_dim))
+    # out_p: [Hkv, rows, D], only prefill tokens' rows written
     out_p = out_p[:, : num_tokens * group_pad].reshape(num_kv_heads, num_tokens, group_pad, head_dim)
     out_p = out_p.transpose(1, 0, 2, 3)[:, :, :group].reshape(num_tokens, num_q_heads, head_dim)
     prefill_tok = tok_valid & is_prefill[tok_seq]  # [T]
@@ -287,15 +300,20 @@ def ragged_paged_attention_gpu(
     slot_seq = jnp.zeros(slots, jnp.int32).at[rank].set(seq_ids, mode="drop")  # [slots]
     slot_valid = jnp.arange(slots) < jnp.sum(is_decode)
     slot_tok = jnp.where(slot_valid, cu[slot_seq], num_tokens)  # [slots] T: dropped below
-    slot_meta = jnp.stack([slot_seq, jnp.minimum(slot_tok, num_tokens - 1),
-                           jnp.where(slot_valid, kv_lens[slot_seq], 0)], axis=1).astype(jnp.int32)  # [slots, 3]
     # Keys an iteration: 32 once the grid has a program per SM before splitting, else 128. In an
     # 8B decode step at ctx 1024 on the H100, 32 keys made attention 22% faster at batch 32 and 5%
     # at 256, but 10% slower in the 8-slot bucket of batch 1 (decode_profile_h100.md in
     # benchmarks/results).
     keys = 32 if slots * num_kv_heads >= NUM_SMS else 128
     pages_per_iter = dec["pages_per_iter"] or max(1, min(keys // page_size, pages_per_seq))
-    num_splits = dec["num_splits"] or num_splits_for(slots, num_kv_heads, pages_per_seq, pages_per_iter)
+    if dec["num_splits"]:
+        num_splits = used_splits = dec["num_splits"]
+    else:
+        num_splits = num_splits_for(slots, num_kv_heads, pages_per_seq, pages_per_iter)
+        used_splits = split_count(jnp.sum(is_decode), num_kv_heads, num_splits)
+    slot_meta = jnp.stack([slot_seq, jnp.minimum(slot_tok, num_tokens - 1),
+                           jnp.where(slot_valid, kv_lens[slot_seq], 0),
+                           jnp.broadcast_to(used_splits, (slots,))], axis=1).astype(jnp.int32)  # [slots, 4]
     res = decode_attention(
         qh, kv_pages, pages_flat, slot_meta, num_slots=slots, pages_per_seq=pages_per_seq,
         group_pad=group_pad, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,

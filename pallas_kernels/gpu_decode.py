@@ -6,8 +6,10 @@ so it is bound by HBM bandwidth, and what matters is keeping enough loads in fli
   into the M dimension of one tile (M = max(16, group padded to a power of two) rows: Triton's
   smallest dot), so K and V of a kv head are read once for the whole group.
 - When slots x kv heads is too small to fill the GPU, each sequence's pages are cut into
-  `num_splits` contiguous ranges, one per program; each writes a float32 partial output and its
-  log-sum-exp, and a small jnp step merges the splits.
+  contiguous ranges, one per program; each writes a float32 partial output and its log-sum-exp,
+  and a small jnp step merges the splits. The grid has room for `num_splits` ranges; how many
+  are used is data (`split_count`), from the number of slots that hold a sequence, so a batch-1
+  step in a 16-slot bucket splits like a 1-slot grid (the spare programs read nothing).
 - Each loop iteration visits `pages_per_iter` pages (unrolled; default 32 keys when slots x kv
   heads fill the SMs, else 128), and `num_stages` asks Triton's software pipeliner to prefetch
   the next iteration's pages while this one computes (2 vs 3 stages, 4 vs 8 warps: within noise
@@ -32,17 +34,31 @@ def decode_rows(group_pad: int) -> int:
     return max(16, group_pad)
 
 
+MAX_SPLIT_PROGRAMS = 8 * NUM_SMS  # the most programs a grid gets for splits the data may not use
+MAX_SPLITS = 32
+
+
 def num_splits_for(num_slots: int, num_kv_heads: int, pages_per_seq: int, pages_per_iter: int) -> int:
-    """Enough programs for about two waves over the SMs, never more splits than page groups."""
+    """The grid's split axis: about two waves over the SMs when every slot is used, and room for
+    as many as one sequence alone would use (`split_count`) while the grid stays small. Never
+    more splits than page groups."""
     programs = num_slots * num_kv_heads
-    want = -(-2 * NUM_SMS // programs)
-    return max(1, min(want, -(-pages_per_seq // pages_per_iter), 32))
+    full = -(-2 * NUM_SMS // programs)
+    alone = min(-(-2 * NUM_SMS // num_kv_heads), MAX_SPLIT_PROGRAMS // programs)
+    return max(1, min(max(full, alone), -(-pages_per_seq // pages_per_iter), MAX_SPLITS))
+
+
+def split_count(num_used, num_kv_heads: int, num_splits: int):
+    """Splits the step uses (traced): about two waves over the SMs for the slots in use (as
+    `num_splits_for` sizes a full grid), at most the grid's `num_splits`."""
+    programs = jnp.maximum(num_used, 1) * num_kv_heads
+    return jnp.clip(-(-2 * NUM_SMS // programs), 1, num_splits).astype(jnp.int32)
 
 
 def _decode_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, lse_ref, *, sm_scale, sliding_window,
                    soft_cap, group_pad, page_size, pages_per_seq, pages_per_iter, num_splits, num_kv_heads, exact):
     slot, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    seq, tok, kv_len = meta_ref[slot, 0], meta_ref[slot, 1], meta_ref[slot, 2]
+    seq, tok, kv_len, used_splits = meta_ref[slot, 0], meta_ref[slot, 1], meta_ref[slot, 2], meta_ref[slot, 3]
     m_rows = decode_rows(group_pad)
     q = q_ref[h, pl.ds(tok * group_pad, m_rows), :]  # [M, D] rows past the group are ignored
     head_dim = q.shape[-1]
@@ -50,8 +66,9 @@ def _decode_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, lse_ref, *, sm_sca
     num_pages = (kv_len + page_size - 1) // page_size
     first_page = 0 if sliding_window is None else jnp.maximum(kv_len - sliding_window, 0) // page_size
     span = num_pages - first_page
-    # Whole iterations per split, so only the last split has a partial one (masked by kv_len).
-    per_split = (span + num_splits - 1) // num_splits
+    # Whole iterations per split, so only the last split has a partial one (masked by kv_len);
+    # splits past `used_splits` start past the end and read nothing.
+    per_split = (span + used_splits - 1) // used_splits
     per_split = (per_split + pages_per_iter - 1) // pages_per_iter * pages_per_iter
     begin = first_page + split * per_split
     end = jnp.minimum(begin + per_split, num_pages)
@@ -105,8 +122,9 @@ def decode_attention(qh, kv_pages, pages_flat, slot_meta, *, num_slots, pages_pe
     """Attention of every decode slot: returns [num_slots, Hkv, group_pad, D] float32.
 
     qh [Hkv, rows, D] holds the q heads of each token's group at rows tok*group_pad + g (padded
-    with enough rows that a tile of decode_rows() rows never runs off the end); slot_meta [S, 3]
-    is (sequence, token, kv_len) per slot, kv_len 0 for unused slots.
+    with enough rows that a tile of decode_rows() rows never runs off the end); slot_meta [S, 4]
+    is (sequence, token, kv_len, splits used) per slot, kv_len 0 for unused slots; splits used is
+    the same in every row, at most `num_splits`.
     """
     num_kv_heads, _, head_dim = qh.shape
     page_size = kv_pages.shape[1]

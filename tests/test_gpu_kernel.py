@@ -45,7 +45,7 @@ def make_batch(seqs, *, num_q_heads, num_kv_heads, head_dim, page_size, dtype, p
 
 
 def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4, num_kv_heads=1, head_dim=64, page_size=8,
-          q_block_size=4, pages_per_kv_block=2, atol=1e-4, **kw):
+          q_block_size=4, kv_block_size=16, atol=1e-4, **kw):
     args = make_batch(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       page_size=page_size, dtype=dtype, pad_tokens=kw.pop("pad_tokens", 0),
                       pad_seqs=kw.pop("pad_seqs", 0))
@@ -53,7 +53,7 @@ def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4
     static = dict(sm_scale=head_dim**-0.5, **kw)
     want, want_kv = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **static))(*args)
     got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(
-        *a, q_block_size=q_block_size, pages_per_kv_block=pages_per_kv_block, decode=decode, interpret=interpret,
+        *a, q_block_size=q_block_size, kv_block_size=kv_block_size, decode=decode, interpret=interpret,
         **static))(*args)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()
@@ -67,7 +67,7 @@ def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4
 # q_block_size, dtype: the tuple of test_reference_attention.CONFIGS, plus kernel options.
 INTERPRET_CASES = [
     ("decode", (16, 64, 2, 2, None, None, 0, 4, F32), dict(decode=dict(num_splits=1))),  # GQA 1
-    ("prefill", (32, 64, 9, 3, 7, None, 0, 4, F32), dict(pages_per_kv_block=2)),  # GQA 3 padded to 4, window
+    ("prefill", (32, 64, 9, 3, 7, None, 0, 4, F32), dict(kv_block_size=16)),  # GQA 3 padded to 4, window, half-page KV blocks
     ("mixed", (16, 128, 4, 1, None, 2.0, 0, 8, F32), dict(decode=dict(num_splits=3, pages_per_iter=2))),  # GQA 4, cap
     ("mixed", (64, 64, 16, 2, 40, 3.0, 0, 4, F32), {}),  # GQA 8, window + cap, split by default
     ("mixed", (128, 256, 6, 2, None, None, 0, 2, F32), dict(decode=dict(num_splits=2, pages_per_iter=1))),  # head_dim 256
@@ -103,6 +103,22 @@ def test_interpret_matches_oracle(case):
     np.testing.assert_array_equal(np.asarray(got_kv).view(np.uint32), np.asarray(want_kv).view(np.uint32))
 
 
+@pytest.mark.parametrize("seqs", [[(1, 100), (1, 37)], [(1, 100)], [(1, 100), (1, 37), (5, 40), (1, 16)]])
+def test_interpret_splits_follow_the_slots_in_use(monkeypatch, seqs):
+    # With 4 "SMs" a grid of 4 slots x 2 KV heads has room for 4 splits; the step uses
+    # ceil(8 / (decode sequences x 2)) of them, and the programs past that read nothing.
+    import pallas_kernels.gpu_decode as gpu_decode
+
+    monkeypatch.setattr(gpu_decode, "NUM_SMS", 4)
+    assert gpu_decode.num_splits_for(4, 2, pages_per_seq=8, pages_per_iter=1) == 4
+    num_decode = sum(q == 1 for q, _ in seqs)
+    assert int(gpu_decode.split_count(jnp.int32(num_decode), 2, 4)) == min(4, -(-8 // (2 * num_decode)))
+    pad = 4 - len(seqs)
+    check_against_reference(seqs, interpret=True, num_q_heads=4, num_kv_heads=2, page_size=16,
+                            pad_seqs=pad, pad_tokens=max(pad, 4 - sum(q for q, _ in seqs)),
+                            decode=dict(pages_per_iter=1))
+
+
 def test_interpret_all_padding():
     # num_seqs == 0: every token is padding (NaN q/k/v); outputs are zeros, the cache untouched.
     rng = np.random.default_rng(7)
@@ -136,7 +152,7 @@ GPU_SEQS = [
 @pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (64, (9, 3), 64), (128, (16, 4), 128)])
 def test_compiled_matches_reference(dtype, atol, seqs, page_size, heads, head_dim):
     check_against_reference(seqs, interpret=False, dtype=dtype, atol=atol, num_q_heads=heads[0], num_kv_heads=heads[1],
-          head_dim=head_dim, page_size=page_size, q_block_size=16, pages_per_kv_block=2, pad_tokens=5, pad_seqs=1)
+          head_dim=head_dim, page_size=page_size, q_block_size=16, kv_block_size=64, pad_tokens=5, pad_seqs=1)
 
 
 @pytest.mark.gpu

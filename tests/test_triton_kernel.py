@@ -96,7 +96,7 @@ def test_interpret_op_mixed_batch(merge):
     args = make_batch(rng, seqs, page_size=16, num_q_heads=12, num_kv_heads=4, head_dim=64, dtype=F32)
     static = dict(sm_scale=0.125, sliding_window=30, soft_cap=None)
     got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(
-        *a, q_block_size=4, pages_per_kv_block=1, decode_impl="triton", decode=dict(num_splits=3, merge=merge),
+        *a, q_block_size=4, kv_block_size=16, decode_impl="triton", decode=dict(num_splits=3, merge=merge),
         interpret=True, **static))(*args)
     want, want_kv = oracle(*args, **static)
     n = args[6][args[7][0]]  # real tokens; padding tokens' outputs are zeros
@@ -207,7 +207,7 @@ def test_compiled_op_matches_reference(dtype, atol, page_size, heads, head_dim):
     args, static, want, want_kv = gpu_case(GPU_MIXED, dtype=dtype, num_q_heads=heads[0], num_kv_heads=heads[1],
                                            head_dim=head_dim, page_size=page_size)
     got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(
-        *a, q_block_size=16, pages_per_kv_block=2, decode_impl="triton", **static))(*args)
+        *a, q_block_size=16, kv_block_size=32, decode_impl="triton", **static))(*args)
     assert_close(got, want, atol)
     np.testing.assert_array_equal(np.asarray(got_kv, np.float32), np.asarray(want_kv, np.float32))
 
