@@ -160,8 +160,9 @@ def profile(args, config) -> int:
     for batch in args.batches:
         bucket = max(batch, 8)
         max_num_seqs = max(batch, args.max_num_seqs or batch)
+        # Rows as the runner has them in its one (so smallest) bucket: ModelRunner.seq_slots.
         inputs, pages_per_seq = decode_batch_inputs(batch, args.context, config.vocab_size,
-                                                    args.page_size, bucket, max_num_seqs)
+                                                    args.page_size, bucket, min(bucket, max_num_seqs))
         runner = ModelRunner(config, params, num_pages=batch * pages_per_seq,
                              page_size=args.page_size, max_num_seqs=max_num_seqs,
                              pages_per_seq=pages_per_seq, max_model_len=args.context + 1,

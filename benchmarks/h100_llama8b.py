@@ -229,7 +229,7 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     programs, compile_seconds = runner.warmup()
     inputs, _ = decode_batch_inputs(batch, args.context, config.vocab_size, page_size, bucket)
     forward = runner._forward_programs[bucket]
-    sample = runner._sample_programs[False, False, "greedy"]
+    sample = runner._sample_programs[False, False, "greedy", runner.seq_slots(bucket)]
     print(f"decode batch {batch}: compiled; forward {program_bytes(forward)}, sampler "
           f"{program_bytes(sample)}, device {memory_stats()}", flush=True)
     repeats = 5 if args.smoke else 30

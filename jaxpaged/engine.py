@@ -217,10 +217,10 @@ class Engine:
         return self._postprocess(batch, advanced, sampled)
 
     def _inputs(self, batch: ScheduledBatch, penalties: bool):
+        bucket = pick_bucket(self.token_buckets, batch.total_tokens)
         return build_step_inputs(
-            batch.requests, batch.num_new_tokens,
-            token_bucket=pick_bucket(self.token_buckets, batch.total_tokens),
-            max_num_seqs=self.config.max_num_seqs, pages_per_seq=self.pages_per_seq,
+            batch.requests, batch.num_new_tokens, token_bucket=bucket,
+            max_num_seqs=self.runner.seq_slots(bucket), pages_per_seq=self.pages_per_seq,
             history_width=self.runner.history_width(penalties))
 
     def _record_prompt_logprobs(self, batch: ScheduledBatch) -> None:

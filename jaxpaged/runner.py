@@ -92,8 +92,9 @@ class ModelRunner:
                               attention=self.plan.shard_attention(attention)),
             in_shardings=(params_sharding, kv_shardings, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shardings), donate_argnames=("kv_pages",))
-        self._sample = jax.jit(sample, out_shardings=rep,
-                               static_argnames=("apply_penalties", "num_top_logprobs", "draw"))
+        self._sample = jax.jit(
+            functools.partial(_sample_step, num_rows=max_num_seqs), out_shardings=rep,
+            static_argnames=("apply_penalties", "num_top_logprobs", "draw"))
         # Prompt logprobs run on slices of this many hidden rows: one program for every bucket.
         self.prompt_logprob_rows = min(token_buckets)
         self._token_logprobs = jax.jit(token_logprobs, out_shardings=rep,
@@ -101,6 +102,14 @@ class ModelRunner:
         self._token_logprobs_program = None
         self._hidden = None  # [T, D] final-normed states of the last step's tokens
         self._last_token_ids = jnp.zeros(max_num_seqs, jnp.int32, device=rep)  # [S] last sampled
+
+    def seq_slots(self, bucket: int) -> int:
+        """Sequence rows of a step in `bucket`: the smallest bucket holds at most that many
+        sequences, so its steps (batch-1 decoding lands there) compute logits and sample for that
+        many rows, not for every sequence the engine could hold (0.2-0.3 ms of an 8B batch-1
+        step on the H100). Other buckets keep `max_num_seqs`: each row count costs a set of
+        sampler programs at start-up (~1.5 s)."""
+        return min(bucket, self.max_num_seqs) if bucket == self.token_buckets[0] else self.max_num_seqs
 
     def history_width(self, apply_penalties: bool) -> int:
         return self.max_model_len if apply_penalties else 1
@@ -120,7 +129,8 @@ class ModelRunner:
         logits, self._hidden, self.kv_pages = forward_program(
             self.params, self.kv_pages, inputs.token_ids, inputs.token_src, self._last_token_ids,
             inputs.attention)
-        out = self._sample_programs[apply_penalties, with_logprobs, draw](logits, inputs.sampling)
+        slots = logits.shape[0]
+        out = self._sample_programs[apply_penalties, with_logprobs, draw, slots](logits, inputs.sampling)
         self._last_token_ids = out.token_ids
         return out
 
@@ -150,8 +160,8 @@ class ModelRunner:
         return tuple(np.concatenate(parts) for parts in zip(*outs))
 
     def warmup(self) -> tuple[int, float]:
-        """Compiles one forward program per token bucket, the sampler variants and the
-        prompt-logprob scorer.
+        """Compiles one forward program per token bucket, the sampler variants for each bucket's
+        number of sequence slots and the prompt-logprob scorer.
 
         Programs are compiled ahead of time and called directly, so serving can never trigger a
         compile: a wrong shape would be an error, not a silent recompile. Lowering is Python and
@@ -164,16 +174,20 @@ class ModelRunner:
             lowered[("forward", bucket)] = self._forward.lower(
                 self.params, self.kv_pages, inputs.token_ids, inputs.token_src,
                 self._last_token_ids, inputs.attention)
-        num_seqs, vocab = self.max_num_seqs, self.config.vocab_size
         rep = self.plan.replicated
-        logits = jax.ShapeDtypeStruct((num_seqs, vocab), jnp.float32, sharding=rep)
-        for apply_penalties, with_logprobs, draw in SAMPLER_VARIANTS:
-            sampling = self._dummy_inputs(self.token_buckets[0], apply_penalties).sampling
-            sampling = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                                    sampling)
-            lowered[("sample", apply_penalties, with_logprobs, draw)] = self._sample.lower(
-                logits, sampling, apply_penalties=apply_penalties,
-                num_top_logprobs=MAX_LOGPROBS if with_logprobs else None, draw=draw)
+        for bucket in self.token_buckets:
+            slots = self.seq_slots(bucket)
+            logits = jax.ShapeDtypeStruct((slots, self.config.vocab_size), jnp.float32, sharding=rep)
+            for apply_penalties, with_logprobs, draw in SAMPLER_VARIANTS:
+                key = ("sample", apply_penalties, with_logprobs, draw, slots)
+                if key in lowered:
+                    continue
+                sampling = self._dummy_inputs(bucket, apply_penalties).sampling
+                sampling = jax.tree.map(
+                    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), sampling)
+                lowered[key] = self._sample.lower(
+                    logits, sampling, apply_penalties=apply_penalties,
+                    num_top_logprobs=MAX_LOGPROBS if with_logprobs else None, draw=draw)
         hidden = jax.ShapeDtypeStruct((self.prompt_logprob_rows, self.config.hidden_size),
                                       self.params["embed"].dtype, sharding=rep)
         targets = jax.ShapeDtypeStruct((self.prompt_logprob_rows,), jnp.int32, sharding=rep)
@@ -191,12 +205,13 @@ class ModelRunner:
         # Wall seconds of each compile (they overlap in the pool): where start-up goes.
         self.compile_seconds = {"/".join(map(str, key)): seconds for key, (_, seconds) in results.items()}
         self._forward_programs = {b: compiled[("forward", b)] for b in self.token_buckets}
-        self._sample_programs = {v: compiled[("sample", *v)] for v in SAMPLER_VARIANTS}
+        self._sample_programs = {key[1:]: program for key, program in compiled.items()
+                                 if key[0] == "sample"}
         self._token_logprobs_program = compiled[("token_logprobs",)]
         return len(compiled), time.perf_counter() - start
 
     def _dummy_inputs(self, bucket: int, apply_penalties: bool) -> StepInputs:
-        return build_step_inputs([], [], token_bucket=bucket, max_num_seqs=self.max_num_seqs,
+        return build_step_inputs([], [], token_bucket=bucket, max_num_seqs=self.seq_slots(bucket),
                                  pages_per_seq=self.pages_per_seq,
                                  history_width=self.history_width(apply_penalties))
 
@@ -208,6 +223,14 @@ def _forward_step(params, kv_pages, token_ids, token_src, last_token_ids, metada
     from_last = last_token_ids[jnp.maximum(token_src, 0)]
     token_ids = jnp.where(token_src >= 0, from_last, token_ids)
     return forward(params, kv_pages, token_ids, metadata, config=config, attention=attention)
+
+
+def _sample_step(logits, sampling, *, num_rows, apply_penalties, num_top_logprobs, draw="filtered"):
+    """The sampler on a step's [slots, V] logits; the sampled ids padded to `num_rows` (the
+    engine's `max_num_seqs`), so the next step's forward reads them whatever this step's size."""
+    out = sample(logits, sampling, apply_penalties=apply_penalties,
+                 num_top_logprobs=num_top_logprobs, draw=draw)
+    return out._replace(token_ids=jnp.pad(out.token_ids, (0, num_rows - out.token_ids.shape[0])))
 
 
 def kv_bytes_per_page(config: ModelConfig, page_size: int, itemsize: int,

@@ -2,8 +2,8 @@
 
 NamedTuples are pytrees to JAX without this module importing it, so the scheduler builds these on
 the host and the runner passes them straight through `jax.jit`. Every shape depends only on the
-token bucket T, `max_num_seqs` S, `pages_per_seq` and the history width W; per-sequence lengths and
-offsets are data.
+token bucket T, the sequence slots S, `pages_per_seq` and the history width W; per-sequence lengths
+and offsets are data. The runner picks S per bucket (`ModelRunner.seq_slots`).
 """
 
 from typing import NamedTuple
@@ -75,14 +75,17 @@ def build_step_inputs(requests, num_new_tokens, *, token_bucket: int, max_num_se
 
     `history_width` is 1 when no request uses penalties (the history is then not read).
     """
+    slots = max_num_seqs
+    if len(requests) > slots:
+        raise ValueError(f"{len(requests)} sequences do not fit a step of {slots} sequence slots")
     token_ids = np.zeros(token_bucket, np.int32)
     token_src = np.full(token_bucket, -1, np.int32)
     positions = np.zeros(token_bucket, np.int32)
-    kv_lens = np.zeros(max_num_seqs, np.int32)
-    page_indices = np.zeros((max_num_seqs, pages_per_seq), np.int32)
-    cu_q_lens = np.zeros(max_num_seqs + 1, np.int32)
-    logits_indices = np.zeros(max_num_seqs, np.int32)
-    sampling = empty_sampling_tensors(max_num_seqs, history_width)
+    kv_lens = np.zeros(slots, np.int32)
+    page_indices = np.zeros((slots, pages_per_seq), np.int32)
+    cu_q_lens = np.zeros(slots + 1, np.int32)
+    logits_indices = np.zeros(slots, np.int32)
+    sampling = empty_sampling_tensors(slots, history_width)
 
     offset = 0
     for i, (request, n) in enumerate(zip(requests, num_new_tokens)):

@@ -42,8 +42,10 @@ def hf_smollm2(smollm2_path):
 
 @pytest.fixture(scope="session")
 def smollm2_llm():
-    """A small engine: a 64-token budget forces chunked prefill, 12 pages force preemption."""
+    """A small engine: a 64-token budget forces chunked prefill, 12 pages force preemption, and
+    the 4-token bucket has 4 sequence slots where the others have 8, so a step may read pending
+    tokens from the ids of a step with more slots."""
     from jaxpaged import LLM
 
     return LLM(dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
-               num_pages=12, token_buckets=(16, 64))
+               num_pages=12, token_buckets=(4, 16, 64))

@@ -74,7 +74,7 @@ def test_gguf_round_trip_gives_same_greedy_tokens(smollm2_path, smollm2_llm, tmp
     metadata = json.loads((dst / METADATA_FILE).read_text())
     assert metadata["source"]["kind"] == "gguf" and "<|im_start|>" in metadata["chat_template"]
     converted = jaxpaged.LLM(model=str(dst), dtype="float32", max_model_len=512, max_num_seqs=8,
-                             max_num_batched_tokens=64, num_pages=12, token_buckets=(16, 64))
+                             max_num_batched_tokens=64, num_pages=12, token_buckets=(4, 16, 64))
     check_bit_identical(converted.engine.params, smollm2_llm.engine.params)
     params = jaxpaged.SamplingParams(temperature=0, max_tokens=16)
     prompts = ["The capital of France is", "def fibonacci(n):"]
