@@ -8,10 +8,13 @@ ratio to the copy bandwidth; prefill reports TFLOP/s (causal: only attended keys
 ratio to the matmul rate. The pure-jnp reference is timed where it runs in reasonable time.
 `--sweep` adds page-size and decode tile/pipelining variants for a few shapes.
 
-`--decode-impl pallas triton` times both decode kernels of the op (`decode_impl=`) on the same
-shapes in one run; `--kernel-only` adds the Triton decode kernel alone (no KV write, no prefill
+Decode shapes are timed with the mixed op (`pallas`: KV-write, prefill and decode launches) and
+its decode-only specialisation (`decode_only`: one launch, the KV write fused; what the engine
+runs for steps where every sequence decodes). `--decode-impl pallas triton` adds the op with the
+Triton decode kernel (`decode_impl=`) on the same shapes in one run; `--kernel-only` adds the Triton decode kernel alone (no KV write, no prefill
 path, no metadata ops) for batch 1 and 32, which separates the kernel from the op's fixed costs;
-`--sweep-triton` adds Triton tile/pipelining/split variants; `--sweep-prefill` prefill block, warp
+`--sweep-triton` adds Triton tile/pipelining/split variants; `--sweep-decode-only`
+split/tile/pipelining variants of the decode-only op; `--sweep-prefill` prefill block, warp
 and pipelining variants; `--md` writes a side-by-side table.
 
     python benchmarks/gpu_kernel_bench.py --sweep --out results.json
@@ -115,6 +118,8 @@ def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype
     static = dict(sm_scale=d**-0.5)
     if impl == "ref":
         op = lambda *x: ragged_paged_attention_reference(*x, **static)
+    elif impl == "decode_only":
+        op = lambda *x: ragged_paged_attention_gpu(*x, interpret=interpret, decode_only=True, **static, **opts)
     elif impl == "triton_kernel":
         op = lambda *x: triton_kernel_only(*x, interpret=interpret, **static, **opts)
     else:  # "pallas" / "triton": the whole op with that decode kernel
@@ -150,10 +155,13 @@ def main():
                     help="also prefill block/warps/stages variants at page 16 (the engine's default)")
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--loop", type=int, default=20, help="op applications per timed program (1: one jitted call each)")
-    ap.add_argument("--decode-impl", nargs="+", default=["pallas"], choices=["pallas", "triton"],
+    ap.add_argument("--decode-impl", nargs="+", default=["pallas", "decode_only"],
+                    choices=["pallas", "decode_only", "triton"],
                     help="decode kernels of the op to time, each on every shape")
     ap.add_argument("--kernel-only", action="store_true", help="also the Triton decode kernel alone (batch 1, 32)")
     ap.add_argument("--sweep-triton", action="store_true", help="also Triton decode tile/pipelining/split variants")
+    ap.add_argument("--sweep-decode-only", action="store_true",
+                    help="also decode-only split and tile variants on six shapes")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--md", type=Path, help="also write a markdown table of the decode rows, impls side by side")
     a = ap.parse_args()
@@ -209,6 +217,10 @@ def main():
             for dec in (dict(block_n=128), dict(num_stages=2), dict(num_stages=4), dict(num_warps=8),
                         dict(merge="kernel"), dict(num_splits=1), dict(num_splits=2), dict(num_splits=6)):
                 measure_row("decode", batch, 1, ctx, page, "triton", dict(decode=dec))
+    if a.sweep_decode_only and not a.smoke:
+        for batch, ctx in ((1, 32768), (8, 8192), (8, 32768), (32, 2048), (32, 8192), (128, 2048)):
+            for dec in [dict(num_splits=n) for n in (1, 2, 4, 8, 16) if batch * n <= 64] + [dict(pages_per_iter=2)]:
+                measure_row("decode", batch, 1, ctx, page, "decode_only", dict(decode=dec))
     if a.sweep and not a.smoke:
         for batch, ctx in ((32, 8192), (128, 2048)):
             for page_size in (16, 128):
@@ -231,21 +243,24 @@ def main():
 
 def markdown_table(rows, device, ceilings):
     """Decode rows with default options, one line per shape, impls side by side."""
-    impls = [i for i in ("pallas", "triton", "triton_kernel") if any(r.get("impl") == i for r in rows)]
+    impls = [i for i in ("pallas", "decode_only", "triton", "triton_kernel") if any(r.get("impl") == i for r in rows)]
+    others = [i for i in impls[1:] if i != "triton_kernel"]
     cell = {(r["batch"], r["ctx"], r["impl"]): r for r in rows
             if r.get("kind") == "decode" and not r.get("opts") and "error" not in r}
     shapes = sorted({(b, c) for b, c, _ in cell})
     head = " | ".join(f"{i} ms | {i} of copy" for i in impls)
     lines = [f"Device: {device}; copy {ceilings['copy'] / 1e9:.0f} GB/s. Decode, whole op unless `triton_kernel`.", "",
-             f"| batch | ctx | {head} | pallas / triton |", "| ---: | ---: |" + " ---: | ---: |" * len(impls) + " ---: |"]
+             f"| batch | ctx | {head} | " + " | ".join(f"{impls[0]} / {i}" for i in others) + " |",
+             "| ---: | ---: |" + " ---: | ---: |" * len(impls) + " ---: |" * len(others)]
     for b, c in shapes:
         vals = []
         for i in impls:
             r = cell.get((b, c, i))
             vals += [f"{r['ms']:.3f}", f"{r['of_copy']:.2f}"] if r else ["", ""]
-        p, t = cell.get((b, c, "pallas")), cell.get((b, c, "triton"))
-        ratio = f"{p['ms'] / t['ms']:.2f}" if p and t else ""
-        lines.append(f"| {b} | {c} | " + " | ".join(vals) + f" | {ratio} |")
+        first = cell.get((b, c, impls[0]))
+        ratios = [f"{first['ms'] / r['ms']:.2f}" if first and r else ""
+                  for r in (cell.get((b, c, i)) for i in others)]
+        lines.append(f"| {b} | {c} | " + " | ".join(vals + ratios) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,12 +41,27 @@ def _pallas_op(platform: str):
     return functools.partial(ragged_paged_attention_gpu, interpret=True, decode=dict(pages_per_iter=1))
 
 
-def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window: int | None):
-    """Returns attention(q, k, v, kv_pages, metadata) -> (out, kv_pages) for the chosen backend."""
+def has_decode_only(name: str, platform: str) -> bool:
+    """Whether the backend has a specialisation for decode-only steps (the GPU kernel, also in
+    interpret mode): then the runner compiles a decode program for the buckets such steps use."""
+    return resolve_backend(name, platform) == "pallas" and platform != "tpu"
+
+
+def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window: int | None,
+                   decode_only: bool = False):
+    """Returns attention(q, k, v, kv_pages, metadata) -> (out, kv_pages) for the chosen backend.
+
+    decode_only: the function only ever sees steps whose every sequence has one query token
+    (`has_decode_only` says whether the backend does anything different then)."""
     backend = resolve_backend(name, platform)
     common = dict(sm_scale=sm_scale, sliding_window=sliding_window)
     reference = functools.partial(ragged_paged_attention_reference, **common)
-    op = reference if backend == "reference" else functools.partial(_pallas_op(platform), **common)
+    if backend == "reference":
+        op = reference
+    elif decode_only and has_decode_only(name, platform):
+        op = functools.partial(_pallas_op(platform), decode_only=True, **common)
+    else:
+        op = functools.partial(_pallas_op(platform), **common)
 
     # One jitted function for every layer: inside the model's jit, each layer's call then reuses
     # the first one's trace and lowering (a nested jit is traced once per shape and emitted once
@@ -71,4 +86,4 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
     return attention
 
 
-__all__ = ["get_kv_cache_shape", "make_attention", "resolve_backend"]
+__all__ = ["get_kv_cache_shape", "has_decode_only", "make_attention", "resolve_backend"]

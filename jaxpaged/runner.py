@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.attention import get_kv_cache_shape, make_attention
+from jaxpaged.attention import get_kv_cache_shape, has_decode_only, make_attention
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.llama import forward, token_logprobs
 from jaxpaged.models.params import param_shardings
@@ -75,10 +75,19 @@ class ModelRunner:
         kv_sharding, rep = self.plan.kv_pages_sharding, self.plan.replicated
         self.kv_pages = [jnp.zeros(shape, kv_dtype, device=kv_sharding)
                          for _ in range(config.num_layers)]
-        attention = make_attention(attention_backend, platform=platform,
-                                   sm_scale=config.head_dim ** -0.5,
-                                   sliding_window=config.sliding_window)
+        attention = functools.partial(make_attention, attention_backend, platform=platform,
+                                      sm_scale=config.head_dim ** -0.5,
+                                      sliding_window=config.sliding_window)
+        # Decode-only steps (every sequence one token) land in the buckets up to the first that
+        # holds max_num_seqs tokens; where the backend has a decode specialisation those buckets
+        # get a second program (on the H100 one launch per layer instead of four: see
+        # pallas_kernels/gpu_decode.py).
+        self.decode_buckets = ()
+        if has_decode_only(attention_backend, platform):
+            last = next((b for b in token_buckets if b >= max_num_seqs), token_buckets[-1])
+            self.decode_buckets = tuple(b for b in token_buckets if b <= last)
         self._forward_programs: dict = {}
+        self._decode_programs: dict = {}
         self._sample_programs: dict = {}
         # Shardings are fixed here and in `warmup`, so they are part of every program's compile
         # key: params as declared, caches over KV heads, step inputs and outputs (logits
@@ -87,11 +96,12 @@ class ModelRunner:
         # example arguments instead.)
         params_sharding = param_shardings(self.plan)
         kv_shardings = [kv_sharding] * config.num_layers
-        self._forward = jax.jit(
+        self._forward, self._forward_decode = (jax.jit(
             functools.partial(_forward_step, config=config,
-                              attention=self.plan.shard_attention(attention)),
+                              attention=self.plan.shard_attention(attention(decode_only=decode_only))),
             in_shardings=(params_sharding, kv_shardings, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shardings), donate_argnames=("kv_pages",))
+            for decode_only in (False, True))
         self._sample = jax.jit(
             functools.partial(_sample_step, num_rows=max_num_seqs), out_shardings=rep,
             static_argnames=("apply_penalties", "num_top_logprobs", "draw"))
@@ -125,7 +135,11 @@ class ModelRunner:
         """Enqueues one step; returns its sampler output as device arrays, without waiting.
 
         `draw`: `sampling_params.draw_kind` of the batch ("filtered" is right for any batch)."""
-        forward_program = self._forward_programs[inputs.token_ids.shape[0]]
+        bucket = inputs.token_ids.shape[0]
+        num_seqs = int(inputs.attention.num_seqs[0])
+        decode_only = num_seqs > 0 and int(inputs.attention.cu_q_lens[num_seqs]) == num_seqs
+        programs = self._decode_programs if decode_only else self._forward_programs
+        forward_program = programs.get(bucket) or self._forward_programs[bucket]
         logits, self._hidden, self.kv_pages = forward_program(
             self.params, self.kv_pages, inputs.token_ids, inputs.token_src, self._last_token_ids,
             inputs.attention)
@@ -160,8 +174,9 @@ class ModelRunner:
         return tuple(np.concatenate(parts) for parts in zip(*outs))
 
     def warmup(self) -> tuple[int, float]:
-        """Compiles one forward program per token bucket, the sampler variants for each bucket's
-        number of sequence slots and the prompt-logprob scorer.
+        """Compiles one forward program per token bucket (and a decode-only one for each of
+        `decode_buckets`), the sampler variants for each bucket's number of sequence slots and
+        the prompt-logprob scorer.
 
         Programs are compiled ahead of time and called directly, so serving can never trigger a
         compile: a wrong shape would be an error, not a silent recompile. Lowering is Python and
@@ -171,9 +186,12 @@ class ModelRunner:
         lowered = {}
         for bucket in self.token_buckets:
             inputs = self._dummy_inputs(bucket, apply_penalties=False)
-            lowered[("forward", bucket)] = self._forward.lower(
-                self.params, self.kv_pages, inputs.token_ids, inputs.token_src,
-                self._last_token_ids, inputs.attention)
+            for kind, forward in (("forward", self._forward), ("decode", self._forward_decode)):
+                if kind == "decode" and bucket not in self.decode_buckets:
+                    continue
+                lowered[(kind, bucket)] = forward.lower(
+                    self.params, self.kv_pages, inputs.token_ids, inputs.token_src,
+                    self._last_token_ids, inputs.attention)
         rep = self.plan.replicated
         for bucket in self.token_buckets:
             slots = self.seq_slots(bucket)
@@ -205,6 +223,7 @@ class ModelRunner:
         # Wall seconds of each compile (they overlap in the pool): where start-up goes.
         self.compile_seconds = {"/".join(map(str, key)): seconds for key, (_, seconds) in results.items()}
         self._forward_programs = {b: compiled[("forward", b)] for b in self.token_buckets}
+        self._decode_programs = {b: compiled[("decode", b)] for b in self.decode_buckets}
         self._sample_programs = {key[1:]: program for key, program in compiled.items()
                                  if key[0] == "sample"}
         self._token_logprobs_program = compiled[("token_logprobs",)]

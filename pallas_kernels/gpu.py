@@ -43,12 +43,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu_decode import NUM_SMS, decode_attention, decode_rows, num_splits_for, split_count
+from pallas_kernels.gpu_decode import (NUM_SMS, _next_pow2, decode_attention, decode_only_attention,
+                                       decode_rows, num_splits_for, split_count, wave_size)
 from pallas_kernels.reference import _token_layout, _validate
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def compiled_supports(page_size: int, head_dim: int) -> bool:
@@ -213,6 +210,7 @@ def ragged_paged_attention_gpu(
     num_stages: int | None = None,
     decode: dict | None = None,
     decode_impl: str = "pallas",
+    decode_only: bool = False,
     interpret: bool = False,
 ):
     """Writes k/v into kv_pages, then attends; returns (out [T, Hq, D] in q.dtype, new kv_pages).
@@ -224,6 +222,11 @@ def ragged_paged_attention_gpu(
     num_splits (None: from the grid).
     decode_impl="triton" runs decode rows through `triton_decode.py` instead; `decode` then takes
     the keys of `triton_decode.DEFAULTS`.
+
+    decode_only=True is the specialisation for batches where every sequence has exactly one
+    query token and token i is sequence i's (cu_q_lens[:num_seqs + 1] == arange; the caller
+    guarantees it, the op does not check): one launch writes the new K/V and attends
+    (`gpu_decode.decode_only_attention`), with no KV-write or prefill launch and no relayout.
     """
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     _validate_blocks(q, kv_pages, q_block_size, kv_block_size, interpret)
@@ -243,6 +246,12 @@ def ragged_paged_attention_gpu(
     dec = {**defaults, **(decode or {})}
     if decode_impl == "triton":
         triton_decode.check_options(**dec)
+    if decode_only:
+        if decode_impl != "pallas":
+            raise ValueError(f"decode_only=True runs the Pallas decode kernel, got decode_impl={decode_impl!r}")
+        return decode_only_attention(
+            q, k, v, kv_pages, kv_lens, page_indices, num_seqs, sm_scale=sm_scale,
+            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, **dec)
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
@@ -309,8 +318,9 @@ def ragged_paged_attention_gpu(
     if dec["num_splits"]:
         num_splits = used_splits = dec["num_splits"]
     else:
-        num_splits = num_splits_for(slots, num_kv_heads, pages_per_seq, pages_per_iter)
-        used_splits = split_count(jnp.sum(is_decode), num_kv_heads, num_splits)
+        wave = wave_size(2 * pages_per_iter * page_size * head_dim * kv_pages.dtype.itemsize, dec["num_stages"])
+        num_splits = num_splits_for(slots, num_kv_heads, pages_per_seq, pages_per_iter, wave)
+        used_splits = split_count(jnp.sum(is_decode), num_kv_heads, num_splits, wave)
     slot_meta = jnp.stack([slot_seq, jnp.minimum(slot_tok, num_tokens - 1),
                            jnp.where(slot_valid, kv_lens[slot_seq], 0),
                            jnp.broadcast_to(used_splits, (slots,))], axis=1).astype(jnp.int32)  # [slots, 4]

@@ -49,11 +49,12 @@ def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4
     args = make_batch(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       page_size=page_size, dtype=dtype, pad_tokens=kw.pop("pad_tokens", 0),
                       pad_seqs=kw.pop("pad_seqs", 0))
-    decode = kw.pop("decode", None)
+    decode, decode_only = kw.pop("decode", None), kw.pop("decode_only", False)
     static = dict(sm_scale=head_dim**-0.5, **kw)
     want, want_kv = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **static))(*args)
     got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(
-        *a, q_block_size=q_block_size, kv_block_size=kv_block_size, decode=decode, interpret=interpret,
+        *a, q_block_size=q_block_size, kv_block_size=kv_block_size, decode=decode, decode_only=decode_only,
+        interpret=interpret,
         **static))(*args)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()
@@ -105,27 +106,51 @@ def test_interpret_matches_oracle(case):
 
 @pytest.mark.parametrize("seqs", [[(1, 100), (1, 37)], [(1, 100)], [(1, 100), (1, 37), (5, 40), (1, 16)]])
 def test_interpret_splits_follow_the_slots_in_use(monkeypatch, seqs):
-    # With 4 "SMs" a grid of 4 slots x 2 KV heads has room for 4 splits; the step uses
-    # ceil(8 / (decode sequences x 2)) of them, and the programs past that read nothing.
+    # With 4 "SMs" of 2 resident programs (a wave of 8), a grid of 4 slots x 2 KV heads has room
+    # for 4 splits; the step uses 8 // (decode sequences x 2) of them, and the programs past that
+    # read nothing.
     import pallas_kernels.gpu_decode as gpu_decode
 
     monkeypatch.setattr(gpu_decode, "NUM_SMS", 4)
-    assert gpu_decode.num_splits_for(4, 2, pages_per_seq=8, pages_per_iter=1) == 4
+    wave = gpu_decode.wave_size(tile_bytes=2 * 16 * 64 * 4, num_stages=3)  # 1 page of 16 keys, float32
+    assert wave == 4 * gpu_decode.MAX_PROGRAMS_PER_SM
+    monkeypatch.setattr(gpu_decode, "MAX_PROGRAMS_PER_SM", 2)
+    wave = gpu_decode.wave_size(tile_bytes=2 * 16 * 64 * 4, num_stages=3)
+    assert wave == 8 and gpu_decode.wave_size(tile_bytes=100 << 10, num_stages=3) == 4  # 1 per SM
+    assert gpu_decode.num_splits_for(4, 2, pages_per_seq=8, pages_per_iter=1, wave=wave) == 4
     num_decode = sum(q == 1 for q, _ in seqs)
-    assert int(gpu_decode.split_count(jnp.int32(num_decode), 2, 4)) == min(4, -(-8 // (2 * num_decode)))
+    assert int(gpu_decode.split_count(jnp.int32(num_decode), 2, 4, wave)) == max(1, 8 // (2 * num_decode))
     pad = 4 - len(seqs)
     check_against_reference(seqs, interpret=True, num_q_heads=4, num_kv_heads=2, page_size=16,
                             pad_seqs=pad, pad_tokens=max(pad, 4 - sum(q for q, _ in seqs)),
                             decode=dict(pages_per_iter=1))
 
 
+DECODE_ONLY_CASES = [
+    # (seqs, heads (q, kv), head_dim, page_size, options)
+    ([(1, 100), (1, 37), (1, 16), (1, 1)], (4, 2), 64, 16, dict(decode=dict(pages_per_iter=1))),  # splits from the grid
+    ([(1, 100), (1, 37), (1, 33)], (9, 3), 64, 16, dict(decode=dict(num_splits=3, pages_per_iter=2), sliding_window=20)),
+    ([(1, 64), (1, 65)], (2, 2), 128, 32, dict(decode=dict(num_splits=1, pages_per_iter=1), soft_cap=2.0)),  # one split: rows stored directly
+    ([(1, 8)], (32, 8), 64, 8, dict(decode=dict(pages_per_iter=1))),  # one token, one page
+]
+
+
+@pytest.mark.parametrize("seqs,heads,head_dim,page_size,opts", DECODE_ONLY_CASES)
+def test_interpret_decode_only_matches_reference(seqs, heads, head_dim, page_size, opts):
+    # Padding tokens and sequences past num_seqs; unused cache slots hold NaN. The new K/V is
+    # written by the decode kernel itself: the cache must equal the reference's bit for bit.
+    check_against_reference(seqs, interpret=True, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                            page_size=page_size, pad_tokens=2, pad_seqs=1, decode_only=True, **opts)
+
+
 def test_interpret_all_padding():
     # num_seqs == 0: every token is padding (NaN q/k/v); outputs are zeros, the cache untouched.
     rng = np.random.default_rng(7)
     config = dict(page_size=16, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=F32)
-    for seqs in ([],):
-        args = ref_make_batch(rng, seqs, **config)
-        got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(*a, sm_scale=0.125, q_block_size=4, interpret=True))(*args)
+    for decode_only in (False, True):
+        args = ref_make_batch(rng, [], **config)
+        got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(
+            *a, sm_scale=0.125, q_block_size=4, decode_only=decode_only, interpret=True))(*args)
         want, want_kv = oracle(*args, sm_scale=0.125, sliding_window=None, soft_cap=None)
         assert np.isfinite(np.asarray(got)).all()
         np.testing.assert_allclose(np.asarray(got), np.nan_to_num(want), atol=1e-5)
@@ -162,3 +187,16 @@ def test_compiled_options(kw):
     kw = {"seqs": GPU_SEQS[2], "head_dim": 128, "page_size": 16, **kw}
     check_against_reference(interpret=False, dtype=jnp.bfloat16, atol=3e-2, num_q_heads=32, num_kv_heads=8,
                             q_block_size=16, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("page_size,heads,head_dim,kw", [
+    (16, (32, 8), 128, {}), (64, (9, 3), 64, dict(sliding_window=100)), (128, (16, 4), 128, dict(soft_cap=30.0)),
+    (64, (32, 8), 128, dict(decode=dict(num_splits=1)))])
+def test_compiled_decode_only_matches_reference(dtype, atol, page_size, heads, head_dim, kw):
+    seqs = [(1, n) for n in (100, 513, 2000, 1, 64, 4096)]
+    check_against_reference(seqs, interpret=False, dtype=dtype, atol=atol, num_q_heads=heads[0],
+                            num_kv_heads=heads[1], head_dim=head_dim, page_size=page_size, pad_tokens=3,
+                            pad_seqs=2, decode_only=True, **kw)
+

@@ -34,10 +34,10 @@ def control_flow(lowered) -> list[str]:
     return [op for op in CONTROL_FLOW if op in text]
 
 
-def lower_forward(backend: str):
+def lower_forward(backend: str, decode_only: bool = False):
     config = ModelConfig.from_hf_config(TINY)
     attention = make_attention(backend, platform="gpu", sm_scale=config.head_dim ** -0.5,
-                               sliding_window=None)
+                               sliding_window=None, decode_only=decode_only)
     forward = jax.jit(functools.partial(_forward_step, config=config, attention=attention))
     shape = get_kv_cache_shape(32, 16, config.num_kv_heads, config.head_dim)
     kv_pages = [jnp.zeros(shape, jnp.bfloat16)] * config.num_layers
@@ -50,6 +50,7 @@ def lower_forward(backend: str):
 
 def test_gpu_forward_has_no_data_dependent_control_flow():
     assert control_flow(lower_forward("pallas")) == []
+    assert control_flow(lower_forward("pallas", decode_only=True)) == []
     assert "stablehlo.while" in control_flow(lower_forward("reference"))  # the check sees loops
 
 

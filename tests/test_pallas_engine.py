@@ -57,8 +57,15 @@ def test_auto_on_gpu_falls_back_for_geometries_the_kernel_cannot_compile():
 @pytest.mark.slow
 def test_engine_pallas_matches_reference_greedy():
     want = greedy_tokens(LLM(attention_backend="reference", **ENGINE), 6)
-    got = greedy_tokens(LLM(attention_backend="pallas", **ENGINE), 6)
+    llm = LLM(attention_backend="pallas", **ENGINE)
+    # Steps where all three prompts decode run the decode-only program (KV write fused).
+    runner = llm.engine.runner
+    assert runner.decode_buckets == (32,)
+    decode_program, calls = runner._decode_programs[32], []
+    runner._decode_programs[32] = lambda *a: calls.append(a) or decode_program(*a)
+    got = greedy_tokens(llm, 6)
     assert got == want
+    assert len(calls) >= 4  # the last 5 tokens of every prompt are decode-only steps
 
 
 # SmolLM2-135M-Instruct's shapes (its config.json), so the GPU test needs no download.
