@@ -25,9 +25,11 @@ never clobber another sequence's tokens. Scores beyond the causal limit are mask
 
 Compiled (Triton) needs power-of-two block dims (page_size >= 16, head_dim); dots fall back to a
 broadcast-multiply-sum when a prefill tile dim is below 16. In interpret mode (CPU) any size runs.
-On the H100 (benchmarks/results/gpu_kernel_bench_h100.md) decode reaches 93-101% of the copy
-bandwidth for batch x context >= 32 x 32k / 128 x 8k; smaller ops are dominated by a fixed cost of
-~0.12 ms outside the kernel bodies.
+On the H100 (benchmarks/results/gpu_kernel_bench_h100.md) this mixed op's decode reaches 89-103%
+of the copy bandwidth for batch x context >= 32 x 8k / 128 x 2k; smaller ops pay ~40 us of fixed
+work around the decode kernel (KV-write and empty prefill launches, layout fusions). Batches where
+every sequence decodes can take `decode_only=True` instead (the engine does): one launch, 83-102%
+for batch >= 32 at ctx >= 2k.
 
 `decode_impl` picks the decode kernel: "pallas" (`gpu_decode.py`, the default) or "triton"
 (`triton_decode.py`: official Triton through jax_triton, reading the raw metadata and writing the
