@@ -138,8 +138,9 @@ class ModelRunner:
         bucket = inputs.token_ids.shape[0]
         num_seqs = int(inputs.attention.num_seqs[0])
         decode_only = num_seqs > 0 and int(inputs.attention.cu_q_lens[num_seqs]) == num_seqs
-        programs = self._decode_programs if decode_only else self._forward_programs
-        forward_program = programs.get(bucket) or self._forward_programs[bucket]
+        forward_program = self._decode_programs.get(bucket) if decode_only else None
+        if forward_program is None:
+            forward_program = self._forward_programs[bucket]
         logits, self._hidden, self.kv_pages = forward_program(
             self.params, self.kv_pages, inputs.token_ids, inputs.token_src, self._last_token_ids,
             inputs.attention)
