@@ -104,36 +104,33 @@ def read_params(config, weights, dtype: np.dtype, *, progress: bool = True) -> d
     """The params pytree as host numpy arrays of `dtype`, every tensor checked on the way."""
     import jax
 
-    from jaxpaged.models.params import _is_spec, param_specs
+    from jaxpaged.models.params import LeafAssembler, _is_spec, param_specs
 
     leaves, treedef = jax.tree.flatten(param_specs(config), is_leaf=_is_spec)
-    by_name = {spec.hf_name: i for i, spec in enumerate(leaves)}
+    assembler = LeafAssembler(leaves, error=ConversionError)
     loaded: list = [None] * len(leaves)
     bar = tqdm(total=len(leaves), desc="converting tensors", unit="tensor", disable=not progress)
     try:
         for name, array in _checked(weights):
-            i = by_name.get(name)
-            if i is None:
+            spec = assembler.spec_of(name)
+            if spec is None:
                 continue
-            spec = leaves[i]
             if array.dtype not in _FLOAT_KINDS:
                 raise ConversionError(f"corrupted tensor {name}: dtype {array.dtype}, expected a "
                                       "float16/bfloat16/float32 tensor")
-            want = spec.shape[::-1] if spec.transpose else spec.shape
-            if array.shape != want:
+            if array.shape != spec.hf_shape:
                 raise ConversionError(f"corrupted tensor {name}: shape {array.shape}, expected "
-                                      f"{want} from the config")
-            array = array.T if spec.transpose else array
+                                      f"{spec.hf_shape} from the config")
             if array.dtype == np.float16:  # through float32: keeps ml_dtypes' casts exact
                 array = array.astype(np.float32)
-            loaded[i] = np.ascontiguousarray(array.astype(dtype))
-            bar.update()
+            leaf = assembler.add(name, array.astype(dtype))
+            if leaf is not None:
+                i, array = leaf
+                loaded[i] = np.ascontiguousarray(array)
+                bar.update()
     finally:
         bar.close()
-    missing = [leaves[i].hf_name for i, value in enumerate(loaded) if value is None]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ConversionError(f"the source is missing tensors the model needs: {shown}")
+    assembler.check_complete("the source")
     return jax.tree.unflatten(treedef, loaded)
 
 

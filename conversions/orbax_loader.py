@@ -65,4 +65,5 @@ def _check_shapes(params_dir: Path, specs: dict) -> None:
                          "(different layers or tensors); re-run jaxpaged convert") from None
     for spec, shape in pairs:
         if shape != spec.shape:
-            raise ValueError(f"{params_dir}: {spec.hf_name} has shape {shape}, expected {spec.shape}")
+            raise ValueError(f"{params_dir}: {' + '.join(spec.hf_names)} has shape {shape}, expected "
+                             f"{spec.shape}; re-run jaxpaged convert")

@@ -71,11 +71,14 @@ def test_dummy_weights_run_the_real_forward(dummy_llm):
              "lm_head.weight": np.asarray(params["lm_head"]).T}
     hf_names = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm",
                 **{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-                **{p: f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+                "down_proj": "mlp.down_proj"}
     for i, layer in enumerate(params["layers"]):
         for ours, theirs in hf_names.items():
             value = np.asarray(layer[ours])
             state[f"model.layers.{i}.{theirs}.weight"] = value.T if value.ndim == 2 else value
+        gate_up = np.asarray(layer["gate_up_proj"])  # [D, 2, F]: gate, then up
+        state[f"model.layers.{i}.mlp.gate_proj.weight"] = gate_up[:, 0].T
+        state[f"model.layers.{i}.mlp.up_proj.weight"] = gate_up[:, 1].T
     model.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in state.items()})
     prompts = [[5, 17, 42, 99, 3], [200, 1, 2]]
     outputs = dummy_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),

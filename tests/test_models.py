@@ -198,6 +198,17 @@ def test_tensor_of_wrong_shape_is_named(tmp_path):
         jaxpaged.LLM(model=str(tmp_path), **ENGINE_ARGS)
 
 
+def test_missing_half_of_a_stacked_weight_is_named(tmp_path):
+    # gate and up load into one [D, 2, F] leaf: a checkpoint with only one of them is refused.
+    save_checkpoint(tmp_path, family_config("llama"))
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensors the model needs: model\.layers\.0\.mlp\.up_proj\.weight$"):
+        jaxpaged.LLM(model=str(tmp_path), **ENGINE_ARGS)
+
+
 def test_unsupported_rope_type_is_refused(tmp_path):
     config = family_config("llama")
     config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,

@@ -32,7 +32,7 @@ PROMPTS = ([5, 9, 14, 3, 27, 8, 11], [40, 2, 19])
 # The shardings the rules table must produce (PartitionSpec as a tuple, mesh axis "model").
 EXPECTED_SPECS = {
     "q_proj": (None, "model"), "k_proj": (None, "model"), "v_proj": (None, "model"),
-    "gate_proj": (None, "model"), "up_proj": (None, "model"),
+    "gate_up_proj": (None, None, "model"),
     "o_proj": ("model", None), "down_proj": ("model", None),
     "q_bias": ("model",), "k_bias": ("model",), "v_bias": ("model",),
     "input_norm": (None,), "post_norm": (None,), "q_norm": (None,), "k_norm": (None,),

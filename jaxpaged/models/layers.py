@@ -51,5 +51,7 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
-def swiglu_mlp(x, gate_proj, up_proj, down_proj):
-    return (jax.nn.silu(x @ gate_proj) * (x @ up_proj)) @ down_proj
+def swiglu_mlp(x, gate_up_proj, down_proj):
+    """x [T, D]; gate_up_proj [D, 2, F] (gate, up); down_proj [F, D]."""
+    gate_up = jnp.einsum("td,dgf->tgf", x, gate_up_proj)  # one matmul for both halves
+    return (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ down_proj

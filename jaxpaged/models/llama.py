@@ -50,7 +50,7 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
             out, pages = attention(q, k, v, pages, metadata)  # [T, Hq, hd]
             x = x + out.reshape(num_tokens, -1) @ layer["o_proj"]
             h = rms_norm(x, layer["post_norm"], eps)
-            x = x + swiglu_mlp(h, layer["gate_proj"], layer["up_proj"], layer["down_proj"])
+            x = x + swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"])
         new_pages.append(pages)
 
     # RMS norm is per row, so norming every token then gathering equals gathering then norming.

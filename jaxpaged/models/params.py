@@ -5,6 +5,9 @@ and loading, random init and sharding all derive from that declaration (the logi
 through the rules table in `jaxpaged.sharding`). Params are plain
 pytrees: {"embed", "layers": [dict per layer], "final_norm", optional "lm_head"}. Linear weights
 are stored [in, out] so the forward pass reads `x @ w`; HF stores [out, in], so they load transposed.
+The MLP's gate and up projections are one leaf, [in, 2, out] (gate, then up), so one matmul
+reads both: one kernel a layer fewer in a decode step. The stacked axis sits before the sharded
+one, so tensor parallelism splits both halves alike.
 """
 
 from collections.abc import Iterable
@@ -22,8 +25,64 @@ from jaxpaged.sharding import ShardingPlan
 class ParamSpec:
     shape: tuple[int, ...]
     logical_axes: tuple[str | None, ...]
-    hf_name: str
+    hf_name: str | tuple[str, ...]  # a tuple: HF tensors stacked on axis 1, in this order
     transpose: bool = False  # HF [out, in] -> ours [in, out]
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return self.hf_name if isinstance(self.hf_name, tuple) else (self.hf_name,)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """The shape each HF tensor of this leaf has."""
+        shape = self.shape
+        if isinstance(self.hf_name, tuple):
+            shape = shape[:1] + shape[2:]
+        return shape[::-1] if self.transpose else shape
+
+
+class LeafAssembler:
+    """Builds params leaves from (HF name, array) pairs in any order: checks each tensor's shape,
+    transposes it to ours and stacks the parts of a stacked leaf. `add` returns (leaf index,
+    array) once a leaf is complete; tensors the model does not use return None."""
+
+    def __init__(self, leaves: list[ParamSpec], error=ValueError):
+        self.leaves, self.error = leaves, error
+        self.by_name = {name: (i, j) for i, spec in enumerate(leaves)
+                        for j, name in enumerate(spec.hf_names)}
+        self.parts: dict[int, dict[int, np.ndarray]] = {}
+        self.done: set[int] = set()
+
+    def spec_of(self, name: str) -> ParamSpec | None:
+        """The leaf that tensor `name` is (part of); None if the model does not use it."""
+        return self.leaves[self.by_name[name][0]] if name in self.by_name else None
+
+    def add(self, name: str, array: np.ndarray) -> tuple[int, np.ndarray] | None:
+        if name not in self.by_name:
+            return None
+        i, j = self.by_name[name]
+        spec = self.leaves[i]
+        if array.shape != spec.hf_shape:
+            raise self.error(f"tensor {name} has shape {tuple(array.shape)}, expected "
+                             f"{spec.hf_shape} from the config")
+        array = array.T if spec.transpose else array
+        if not isinstance(spec.hf_name, tuple):
+            self.done.add(i)
+            return i, array
+        parts = self.parts.setdefault(i, {})
+        parts[j] = array
+        if len(parts) < len(spec.hf_names):
+            return None
+        del self.parts[i]
+        self.done.add(i)
+        return i, np.stack([parts[k] for k in range(len(parts))], axis=1)
+
+    def check_complete(self, what: str = "the checkpoint") -> None:
+        missing = [name for i, spec in enumerate(self.leaves) if i not in self.done
+                   for j, name in enumerate(spec.hf_names) if j not in self.parts.get(i, {})]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise self.error(f"{what} is missing tensors the model needs: {shown}")
 
 
 def param_specs(config: ModelConfig) -> dict:
@@ -44,8 +103,9 @@ def param_specs(config: ModelConfig) -> dict:
             "v_proj": linear(p + "self_attn.v_proj", d, kv_dim, ("embed", "kv_heads")),
             "o_proj": linear(p + "self_attn.o_proj", q_dim, d, ("q_heads", "embed")),
             "post_norm": ParamSpec((d,), ("embed",), p + "post_attention_layernorm.weight"),
-            "gate_proj": linear(p + "mlp.gate_proj", d, f, ("embed", "mlp")),
-            "up_proj": linear(p + "mlp.up_proj", d, f, ("embed", "mlp")),
+            "gate_up_proj": ParamSpec((d, 2, f), ("embed", None, "mlp"),
+                                      (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                                      transpose=True),
             "down_proj": linear(p + "mlp.down_proj", f, d, ("mlp", "embed")),
         }
         if config.qkv_bias:
@@ -88,26 +148,15 @@ def load_params(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], 
     plan = plan or ShardingPlan.build(config)
     specs = param_specs(config)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-    by_name = {spec.hf_name: i for i, spec in enumerate(leaves)}
+    assembler = LeafAssembler(leaves)
     loaded: list = [None] * len(leaves)
     for name, array in weights:
-        i = by_name.get(name)
-        if i is None:
-            continue
-        spec = leaves[i]
-        array = np.asarray(array)
-        if spec.transpose:
-            array = array.T
-        if array.shape != spec.shape:
-            raise ValueError(
-                f"tensor {name} has shape {array.shape[::-1] if spec.transpose else array.shape}, "
-                f"expected {spec.shape[::-1] if spec.transpose else spec.shape} from the config"
-            )
-        loaded[i] = plan.put(plan.pad(array, spec.logical_axes), spec.logical_axes, dtype)
-    missing = [leaves[i].hf_name for i, value in enumerate(loaded) if value is None]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"the checkpoint is missing tensors the model needs: {shown}")
+        leaf = assembler.add(name, np.asarray(array))
+        if leaf is not None:
+            i, array = leaf
+            spec = leaves[i]
+            loaded[i] = plan.put(plan.pad(array, spec.logical_axes), spec.logical_axes, dtype)
+    assembler.check_complete()
     return jax.tree.unflatten(treedef, loaded)
 
 
@@ -125,7 +174,7 @@ def random_params(config: ModelConfig, dtype, seed: int = 0, plan: ShardingPlan 
     programs: dict = {}  # one compiled draw per distinct leaf kind (layers repeat them)
     values = []
     for key, spec in zip(keys, leaves):
-        norm = len(spec.shape) == 1 and spec.hf_name.endswith("norm.weight")
+        norm = len(spec.shape) == 1 and spec.hf_names[0].endswith("norm.weight")
         kind = (spec.shape, spec.logical_axes, norm)
         if kind not in programs:
             def draw(key, spec=spec, norm=norm):
