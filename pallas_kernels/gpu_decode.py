@@ -222,56 +222,81 @@ def merge_splits(out, lse):
 def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, q_ref, k_ref, v_ref, kv_in_ref, *refs,
                         group, num_q_heads, num_kv_heads, page_size, num_pages, pages_per_iter,
                         num_splits, fixed_splits, wave, sliding_window, **attend):
-    """Program (token, kv head, split). Token t is sequence t's only query (t >= num_seqs:
-    padding, kv_len 0). Split 0 stores the token's new K/V into its page and adds it to its
-    softmax from k_ref/v_ref (on the H100 a `where` over every K/V tile to swap it in cost 3-5%
-    at long contexts). With several splits, programs of padding tokens and of splits past the
-    ones used store nothing (the merge ignores their rows): in a batch-1 step of a 16-token
-    bucket that is 15/16 of the grid."""
+    """A flat grid: program p is (token, kv head, split) for the splits this step uses, token
+    slowest, so the working programs come first and the grid holds only as many as the busiest
+    sequence count needs (`decode_only_programs`). Token t is sequence t's only query. Split 0
+    stores the token's new K/V into its page and adds it to its softmax from k_ref/v_ref (on
+    the H100 a `where` over every K/V tile to swap it in cost 3-5% at long contexts). Programs
+    past the sequences in use do nothing, except that with one split (outputs stored directly)
+    a padding token's programs store its zero rows."""
     o_ref, lse_ref, kv_ref = refs if num_splits > 1 else (refs[0], None, refs[1])
     del kv_in_ref  # the same buffer as kv_ref (aliased)
-    t, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_seqs_max, pages_per_seq = pages_ref.shape
-    n = jnp.minimum(num_seqs_ref[0], num_seqs_max)
-    seq = jnp.minimum(t, num_seqs_max - 1)
-    kv_len = jnp.where(t < n, kv_lens_ref[seq], 0)
-    if fixed_splits:
+    n = jnp.minimum(num_seqs_ref[0], min(num_seqs_max, k_ref.shape[0]))
+    if num_splits == 1:
+        used_splits = 1
+    elif fixed_splits:
         used_splits = fixed_splits
     else:
         used_splits = split_count(n, num_kv_heads, num_splits, wave)
-    page_at = lambda col: jnp.clip(pages_ref[seq, jnp.minimum(col, pages_per_seq - 1)], 0, num_pages - 1)
-
-    new_k, new_v = k_ref[t, h, :], v_ref[t, h, :]  # [D]
-
-    @pl.when((split == 0) & (kv_len > 0))
-    def _():
-        page, row = page_at((kv_len - 1) // page_size), (kv_len - 1) % page_size
-        kv_ref[page, row, 2 * h, :] = new_k.astype(kv_ref.dtype)
-        kv_ref[page, row, 2 * h + 1, :] = new_v.astype(kv_ref.dtype)
-
+    program = pl.program_id(0)
+    t = program // (num_kv_heads * used_splits)
+    h = program // used_splits % num_kv_heads
+    split = program % used_splits
     m_rows = decode_rows(_next_pow2(group))
     g = lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0)  # [M, 1]
-    head_dim = new_k.shape[0]
+    head_dim = k_ref.shape[-1]
     mask = jnp.broadcast_to(g < group, (m_rows, head_dim))
     first_row = t * num_q_heads + h * group  # q and out as rows [T * Hq, D]
-    q = plgpu.load(q_ref.at[pl.ds(first_row, m_rows), :], mask=mask, other=0.0)  # [M, D]
-    # The cache's first kv_len - 1 keys, then (split 0) the new one: the row being written is
-    # never read, so no program depends on split 0's store.
-    q_pos = kv_len - 1
-    begin, num_iters = _split_range(q_pos, q_pos, split, used_splits, page_size=page_size,
-                                    pages_per_iter=pages_per_iter, sliding_window=sliding_window)
-    stats = _attend(q, kv_ref, page_at, h, begin, num_iters, q_pos, q_pos, page_size=page_size,
-                    pages_per_iter=pages_per_iter, sliding_window=sliding_window, **attend)
-    stats = _add_key(stats, q, new_k, new_v, (split == 0) & (kv_len > 0), sm_scale=attend["sm_scale"],
-                     soft_cap=attend["soft_cap"])
-    out, lse = _finish(stats)
-    if lse_ref is None:  # one split: the output rows directly
-        plgpu.store(o_ref.at[pl.ds(first_row, m_rows), :], out.astype(o_ref.dtype), mask=mask)
-        return
-    base = ((t * num_splits + split) * num_kv_heads + h) * group  # [T, splits, Hkv, group] rows
-    used = (split < used_splits) & (t < n)
-    plgpu.store(o_ref.at[pl.ds(base, m_rows), :], out, mask=mask & used)
-    plgpu.store(lse_ref.at[pl.ds(base, m_rows)], lse, mask=(g[:, 0] < group) & used)
+
+    @pl.when(t < n)
+    def _():
+        kv_len = kv_lens_ref[t]
+        page_at = lambda col: jnp.clip(pages_ref[t, jnp.minimum(col, pages_per_seq - 1)], 0, num_pages - 1)
+        new_k, new_v = k_ref[t, h, :], v_ref[t, h, :]  # [D]
+
+        @pl.when((split == 0) & (kv_len > 0))
+        def _():
+            page, row = page_at((kv_len - 1) // page_size), (kv_len - 1) % page_size
+            kv_ref[page, row, 2 * h, :] = new_k.astype(kv_ref.dtype)
+            kv_ref[page, row, 2 * h + 1, :] = new_v.astype(kv_ref.dtype)
+
+        q = plgpu.load(q_ref.at[pl.ds(first_row, m_rows), :], mask=mask, other=0.0)  # [M, D]
+        # The cache's first kv_len - 1 keys, then (split 0) the new one: the row being written
+        # is never read, so no program depends on split 0's store.
+        q_pos = kv_len - 1
+        begin, num_iters = _split_range(q_pos, q_pos, split, used_splits, page_size=page_size,
+                                        pages_per_iter=pages_per_iter, sliding_window=sliding_window)
+        stats = _attend(q, kv_ref, page_at, h, begin, num_iters, q_pos, q_pos, page_size=page_size,
+                        pages_per_iter=pages_per_iter, sliding_window=sliding_window, **attend)
+        stats = _add_key(stats, q, new_k, new_v, (split == 0) & (kv_len > 0),
+                         sm_scale=attend["sm_scale"], soft_cap=attend["soft_cap"])
+        out, lse = _finish(stats)
+        if lse_ref is None:  # one split: the output rows directly
+            plgpu.store(o_ref.at[pl.ds(first_row, m_rows), :], out.astype(o_ref.dtype), mask=mask)
+        else:
+            base = ((t * num_splits + split) * num_kv_heads + h) * group  # [T, splits, Hkv, group] rows
+            plgpu.store(o_ref.at[pl.ds(base, m_rows), :], out, mask=mask)
+            plgpu.store(lse_ref.at[pl.ds(base, m_rows)], lse, mask=g[:, 0] < group)
+
+    if lse_ref is None:
+        @pl.when(t >= n)
+        def _():
+            plgpu.store(o_ref.at[pl.ds(first_row, m_rows), :], jnp.zeros((m_rows, head_dim), o_ref.dtype),
+                        mask=mask)
+
+
+def decode_only_programs(num_tokens: int, num_seqs_max: int, num_kv_heads: int, num_splits: int,
+                         fixed_splits: int | None, wave: int) -> int:
+    """The decode-only grid: every token's programs with one split; with several, the most any
+    sequence count up to the bucket's uses (n x kv heads x `split_count(n)`). A batch-1 step in
+    a 16-token bucket of an 8B model (8 KV heads, room for 8 splits) launches 256 programs, not
+    16 x 8 x 8 = 1,024 of which 64 work."""
+    if num_splits == 1:
+        return num_tokens * num_kv_heads
+    target = max(wave, 2 * NUM_SMS)
+    return max(n * num_kv_heads * (fixed_splits or min(max(target // (n * num_kv_heads), 1), num_splits))
+               for n in range(1, min(num_tokens, num_seqs_max) + 1))
 
 
 def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *, sm_scale,
@@ -308,7 +333,8 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
     whole = pl.BlockSpec()
     *res, kv_pages = pl.pallas_call(
         kernel,
-        grid=(num_tokens, num_kv_heads, grid_splits),
+        grid=(decode_only_programs(num_tokens, page_indices.shape[0], num_kv_heads, grid_splits,
+                                   num_splits, wave),),
         in_specs=[whole] * 7,
         out_specs=[whole] * (len(out_shape) + 1),
         out_shape=[*out_shape, jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)],
@@ -320,7 +346,7 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
     if grid_splits == 1:
         return res[0][:rows].reshape(num_tokens, num_q_heads, head_dim), kv_pages
     # Rows no program stored (padding tokens, splits past the ones used) are garbage: masked.
-    n = jnp.minimum(num_seqs[0], kv_lens.shape[0])
+    n = jnp.minimum(num_seqs[0], min(kv_lens.shape[0], num_tokens))  # as the kernel has it
     used = num_splits or split_count(n, num_kv_heads, grid_splits, wave)
     stored = (jnp.arange(grid_splits)[None, :] < used) & (jnp.arange(num_tokens)[:, None] < n)  # [T, splits]
     out = res[0][:partial_rows].reshape(num_tokens, grid_splits, num_kv_heads, group, head_dim)

@@ -132,6 +132,7 @@ DECODE_ONLY_CASES = [
     ([(1, 100), (1, 37), (1, 33)], (9, 3), 64, 16, dict(decode=dict(num_splits=3, pages_per_iter=2), sliding_window=20)),
     ([(1, 64), (1, 65)], (2, 2), 128, 32, dict(decode=dict(num_splits=1, pages_per_iter=1), soft_cap=2.0)),  # one split: rows stored directly
     ([(1, 8)], (32, 8), 64, 8, dict(decode=dict(pages_per_iter=1))),  # one token, one page
+    ([(1, 100)], (4, 2), 64, 16, dict(decode=dict(pages_per_iter=1), pad_tokens=13)),  # batch 1 in a 16-token bucket
 ]
 
 
@@ -139,8 +140,9 @@ DECODE_ONLY_CASES = [
 def test_interpret_decode_only_matches_reference(seqs, heads, head_dim, page_size, opts):
     # Padding tokens and sequences past num_seqs; unused cache slots hold NaN. The new K/V is
     # written by the decode kernel itself: the cache must equal the reference's bit for bit.
+    opts = {"pad_tokens": 2, **opts}
     check_against_reference(seqs, interpret=True, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
-                            page_size=page_size, pad_tokens=2, pad_seqs=1, decode_only=True, **opts)
+                            page_size=page_size, pad_seqs=1, decode_only=True, **opts)
 
 
 def test_interpret_all_padding():
