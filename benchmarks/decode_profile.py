@@ -85,7 +85,26 @@ def summarize(events: list[dict], steps: int, weight_bytes: int) -> dict:
         "matmul_weight_bandwidth_tb_s": weight_bytes / (matmul_us * 1e-6) / 1e12 if matmul_us else None,
         "top_kernels": [{"name": name[:120], "kind": kind_of(name), "ms_per_step": us / steps / 1e3,
                          "calls_per_step": count[name] / steps} for name, us in top],
+        "layer_kernels": layer_kernels(events, steps),
     }
+
+
+def layer_kernels(events: list[dict], steps: int) -> list[dict]:
+    """The kernels of one decoder layer in launch order, with each one's duration and the gap
+    before it: from after the second attention kernel of the middle step to its third (a layer's
+    cycle). Empty if the step has fewer than three attention kernels."""
+    ordered = sorted(events, key=lambda e: e["ts"])
+    per_step = len(ordered) // steps
+    step = ordered[per_step * (steps // 2): per_step * (steps // 2 + 1)]
+    marks = [i for i, e in enumerate(step) if kind_of(e["name"]) == "attention"]
+    if len(marks) < 3:
+        return []
+    rows = []
+    for i in range(marks[1] + 1, marks[2] + 1):
+        gap = step[i]["ts"] - (step[i - 1]["ts"] + step[i - 1]["dur"])
+        rows.append({"name": step[i]["name"][:100], "kind": kind_of(step[i]["name"]),
+                     "us": step[i]["dur"], "gap_before_us": gap})
+    return rows
 
 
 def profile_batch(runner, inputs, steps: int, trace_dir: Path) -> tuple[list[dict], list[str]]:
@@ -184,6 +203,9 @@ def profile(args, config) -> int:
             for k in row["top_kernels"][:8]:
                 print(f"    {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:5.1f} {k['kind']:10s} "
                       f"{k['name'][:90]}")
+            print(f"  one layer, {len(row['layer_kernels'])} kernels (us, gap before):")
+            for k in row["layer_kernels"]:
+                print(f"    {k['us']:7.2f} {k['gap_before_us']:6.2f} {k['kind']:10s} {k['name'][:80]}")
         else:
             print(f"batch {batch}: no GPU kernel events (CPU run)", flush=True)
         (out / "decode_profile.json").write_text(json.dumps(report, indent=2))

@@ -308,6 +308,25 @@ def test_decode_profile_arithmetic_on_a_hand_made_trace(tmp_path):
     assert summary["kernels_per_step"] == 2
 
 
+def test_decode_profile_layer_kernels_are_one_layer_cycle():
+    """Two steps of three layers (norm, gemm, attention): the middle step's kernels from after
+    its second attention kernel to its third, with the gap before each."""
+    import decode_profile
+
+    events, t = [], 0
+    for step in range(2):
+        for layer in range(3):
+            for name, dur in (("loop_norm_fusion", 2), ("gemm_fusion_dot", 10),
+                              ("ragged_paged_attention_gpu_decode_only", 5)):
+                events.append({"name": name, "ts": t, "dur": dur + step})  # step 1 runs longer
+                t += dur + step + 1  # 1 us gap after each kernel
+    rows = decode_profile.layer_kernels(events[::-1], steps=2)  # any order in the trace
+    assert [(r["name"], r["us"], r["gap_before_us"]) for r in rows] == [
+        ("loop_norm_fusion", 3, 1), ("gemm_fusion_dot", 11, 1),
+        ("ragged_paged_attention_gpu_decode_only", 6, 1)]
+    assert decode_profile.layer_kernels(events[:4], steps=2) == []  # too few attention kernels
+
+
 def test_decode_profile_smoke(tmp_path, capsys):
     """The script runs end to end on CPU (no GPU kernels there, which it says)."""
     import decode_profile
