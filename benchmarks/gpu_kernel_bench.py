@@ -38,6 +38,7 @@ from jax import lax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pallas_kernels import get_kv_cache_shape, ragged_paged_attention_reference  # noqa: E402
 from pallas_kernels.gpu import ragged_paged_attention_gpu  # noqa: E402
+from jaxpaged.bench.roofline import copy_bandwidths  # noqa: E402
 
 
 def seconds_per_call(fn, args, *, calls, rounds, carry=None):
@@ -78,12 +79,6 @@ def looped(op, iters):
         return total, kv_pages
 
     return many
-
-
-def copy_bandwidth(nbytes, rounds):
-    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
-    t, _ = seconds_per_call(jax.jit(lambda a: a + 1), (x,), calls=10, rounds=rounds)
-    return 2 * x.nbytes / t  # read + write
 
 
 def matmul_rate(n, rounds):
@@ -172,15 +167,19 @@ def main():
     if a.smoke:
         hq, hkv, d, rounds, page = 4, 2, 64, 1, 16
         cases = [("decode", 2, 1, 40)]
-        ceilings = dict(copy=copy_bandwidth(1 << 16, 1), matmul=matmul_rate(64, 1))
+        copies = copy_bandwidths(1 << 16, 1)
+        ceilings = dict(copy=max(copies.values()), matmul=matmul_rate(64, 1))
     else:
         hq, hkv, d, rounds, page = 32, 8, 128, a.rounds, a.page_size
         cases = [] if a.prefill_only else [("decode", b, 1, c) for b in (1, 8, 32, 128)
                                            for c in (512, 2048, 8192, 32768)]
         cases += [] if a.decode_only else [("prefill", 1, 2048, 2048), ("prefill", 8, 512, 512)]
-        ceilings = dict(copy=copy_bandwidth(4 << 30, rounds), matmul=matmul_rate(8192, rounds))
+        copies = copy_bandwidths(4 << 30, rounds)
+        ceilings = dict(copy=max(copies.values()), matmul=matmul_rate(8192, rounds))
     device = jax.devices()[0].device_kind
-    print(f"device: {device}  copy bandwidth: {ceilings['copy'] / 1e9:.1f} GB/s  bf16 matmul: {ceilings['matmul'] / 1e12:.1f} TFLOP/s")
+    print(f"device: {device}  copy bandwidth: {ceilings['copy'] / 1e9:.1f} GB/s (fastest of "
+          + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in copies.items())
+          + f")  bf16 matmul: {ceilings['matmul'] / 1e12:.1f} TFLOP/s")
     print(f"{'kind':8} {'batch':>5} {'q_len':>5} {'ctx':>6} {'page':>4} {'impl':13} {'opts':58} {'ms':>9} {'GB/s':>8} "
           f"{'/copy':>6} {'TFLOP/s':>7} {'/mm':>5}")
     rows = []
@@ -188,6 +187,7 @@ def main():
     def save():  # after every row: a run cut short still leaves its numbers
         if a.out:
             a.out.write_text(json.dumps(dict(device=device, command=" ".join(sys.argv), copy_gbps=ceilings["copy"] / 1e9,
+                                             copy_kinds_gbps={k: v / 1e9 for k, v in copies.items()},
                                              matmul_tflops=ceilings["matmul"] / 1e12, rows=rows), indent=1))
 
     def measure_row(*args, **kw):

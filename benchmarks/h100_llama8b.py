@@ -159,12 +159,13 @@ def run_hf(args) -> dict:
 # ---- part 2: roofline, decode steps, jaxpaged offline -----------------------------------------
 
 def roofline(smoke: bool) -> dict:
-    from jaxpaged.bench.roofline import copy_bandwidth, matmul_rate
+    from jaxpaged.bench.roofline import copy_bandwidths, matmul_rate
 
     n_bytes = (64 << 20) if smoke else (2 << 30)
     n = 1024 if smoke else 8192
-    return {"copy_bandwidth_bytes_s": copy_bandwidth(n_bytes), "matmul_flop_s": matmul_rate(n),
-            "matmul_n": n, "copy_bytes": n_bytes}
+    copies = copy_bandwidths(n_bytes)
+    return {"copy_bandwidth_bytes_s": max(copies.values()), "copy_kinds_bytes_s": copies,
+            "matmul_flop_s": matmul_rate(n), "matmul_n": n, "copy_bytes": n_bytes}
 
 
 def decode_steps(args, params, config, dtype, bandwidth: float) -> list[dict]:
@@ -636,9 +637,10 @@ def render_markdown(s: dict) -> str:
              f"whole run {s['wall_seconds']:.0f} s.", ""]
     if "roofline" in j:
         r = j["roofline"]
+        kinds = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in r.get("copy_kinds_bytes_s", {}).items())
         lines += [f"Measured: copy bandwidth {r['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s "
-                  f"(read + write of {r['copy_bytes'] / 2**30:.2f} GiB), bf16 matmul "
-                  f"{r['matmul_flop_s'] / 1e12:.0f} TFLOP/s ({r['matmul_n']}^3).", ""]
+                  f"(read + write of {r['copy_bytes'] / 2**30:.2f} GiB, the fastest of: {kinds}), "
+                  f"bf16 matmul {r['matmul_flop_s'] / 1e12:.0f} TFLOP/s ({r['matmul_n']}^3).", ""]
     if j.get("decode"):
         lines += [f"## Decode step at ctx {s['args']['context']} vs the floor", "",
                   "| batch | step | forward | sampler | rest | floor | step/floor | target |",
