@@ -14,7 +14,8 @@ runs for steps where every sequence decodes). `--decode-impl pallas triton` adds
 Triton decode kernel (`decode_impl=`) on the same shapes in one run; `--kernel-only` adds the Triton decode kernel alone (no KV write, no prefill
 path, no metadata ops) for batch 1 and 32, which separates the kernel from the op's fixed costs;
 `--sweep-triton` adds Triton tile/pipelining/split variants; `--sweep-decode-only`
-split/tile/pipelining variants of the decode-only op; `--sweep-prefill` prefill block, warp
+split/tile/pipelining variants of the decode-only op; `--sweep-engine-decode` its tile,
+pipelining and warp variants on the engine's decode shapes (page 16, ctx 1024); `--sweep-prefill` prefill block, warp
 and pipelining variants; `--md` writes a side-by-side table.
 
     python benchmarks/gpu_kernel_bench.py --sweep --out results.json
@@ -157,6 +158,9 @@ def main():
     ap.add_argument("--sweep-triton", action="store_true", help="also Triton decode tile/pipelining/split variants")
     ap.add_argument("--sweep-decode-only", action="store_true",
                     help="also decode-only split and tile variants on six shapes")
+    ap.add_argument("--sweep-engine-decode", action="store_true",
+                    help="also decode-only tile/pipelining/warp variants on the engine's shapes "
+                         "(page 16, ctx 1024; batch 1, 32, 256) and two larger page sizes")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--md", type=Path, help="also write a markdown table of the decode rows, impls side by side")
     a = ap.parse_args()
@@ -221,6 +225,17 @@ def main():
         for batch, ctx in ((1, 32768), (8, 8192), (8, 32768), (32, 2048), (32, 8192), (128, 2048)):
             for dec in [dict(num_splits=n) for n in (1, 2, 4, 8, 16) if batch * n <= 64] + [dict(pages_per_iter=2)]:
                 measure_row("decode", batch, 1, ctx, page, "decode_only", dict(decode=dec))
+    if a.sweep_engine_decode and not a.smoke:
+        # What an 8B engine's decode-only steps run (page 16): keys per iteration x pipeline
+        # depth at 4 warps, then 8 warps at the default depth; pages of 32 and 64 at the defaults.
+        variants = [dict(pages_per_iter=p, num_stages=st) for p in (1, 2, 4, 8) for st in (2, 3, 4)]
+        variants += [dict(pages_per_iter=p, num_warps=8) for p in (2, 8)]
+        for batch in (1, 32, 256):
+            measure_row("decode", batch, 1, 1024, 16, "decode_only", {})
+            for dec in variants:
+                measure_row("decode", batch, 1, 1024, 16, "decode_only", dict(decode=dec))
+            for page_size in (32, 64):
+                measure_row("decode", batch, 1, 1024, page_size, "decode_only", {})
     if a.sweep and not a.smoke:
         for batch, ctx in ((32, 8192), (128, 2048)):
             for page_size in (16, 128):
