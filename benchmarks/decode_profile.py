@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="llama-3.1-8b", help="a shipped config (random weights)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--page-size", type=int, default=None,
+                        help="default: the engine's for the platform (EngineConfig.page_size)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="the runner's sequence slots (default: the batch), e.g. 256 as the "
@@ -163,11 +164,12 @@ def profile(args, config) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxpaged.bench.roofline import decode_batch_inputs, decode_weight_bytes
+    from jaxpaged.bench.roofline import decode_batch_inputs, decode_weight_bytes, default_page_size
     from jaxpaged.models.params import random_params
     from jaxpaged.runner import ModelRunner
 
     dtype = jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
+    args.page_size = args.page_size or default_page_size()
     params = random_params(config, dtype)
     weight_bytes = decode_weight_bytes(params, config)
     out = Path(args.out_dir)

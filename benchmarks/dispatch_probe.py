@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxpaged.bench.roofline import decode_batch_inputs
+    from jaxpaged.bench.roofline import decode_batch_inputs, default_page_size
     from jaxpaged.config import ModelConfig
     from jaxpaged.model_source import resolve_model
     from jaxpaged.models.params import random_params
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
               "attention_backend": args.attention_backend,
               "context": args.context, "steps": args.steps, "batches": {}}
-    page_size = 16
+    page_size = default_page_size()
     pages_per_seq = -(-(args.context + 1) // page_size)
     for batch in args.batches:
         bucket = max(batch, 16)

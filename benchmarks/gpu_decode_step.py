@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.bench.roofline import copy_bandwidth, decode_batch_inputs, median_seconds
+from jaxpaged.bench.roofline import copy_bandwidth, decode_batch_inputs, default_page_size, median_seconds
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.params import random_params
 from jaxpaged.runner import ModelRunner
@@ -60,12 +60,14 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--page-size", type=int, default=None,
+                        help="default: the engine's for the platform (EngineConfig.page_size)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth()
     print(f"device {jax.devices()[0].device_kind}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
+    args.page_size = args.page_size or default_page_size()
     for name in args.models:
         for batch in args.batches:
             row = decode_step(name, batch, args.context, args.page_size)

@@ -211,10 +211,10 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     import jax
     import numpy as np
 
-    from jaxpaged.bench.roofline import decode_batch_inputs
+    from jaxpaged.bench.roofline import decode_batch_inputs, default_page_size
     from jaxpaged.runner import ModelRunner
 
-    page_size = 16
+    page_size = default_page_size()
     pages_per_seq = -(-(args.context + 1) // page_size)
     bucket = max(batch, 16)
     runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
@@ -464,7 +464,9 @@ def mixed_step_breakdown(args, params, config, dtype, matmul_flop_s: float) -> d
     from jaxpaged.sampling_params import SamplingParams
     from jaxpaged.step_inputs import build_step_inputs
 
-    page_size, budget = 16, args.max_num_batched_tokens
+    from jaxpaged.bench.roofline import default_page_size
+
+    page_size, budget = default_page_size(), args.max_num_batched_tokens
     decode_seqs = min(args.max_num_seqs, budget // 2)
     context = args.input_len + args.output_len // 2
     chunks = []

@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxpaged.bench.roofline import decode_batch_inputs, median_seconds  # noqa: E402
+from jaxpaged.bench.roofline import decode_batch_inputs, default_page_size, median_seconds  # noqa: E402
 from jaxpaged.config import ModelConfig  # noqa: E402
 from jaxpaged.models.params import random_params  # noqa: E402
 from jaxpaged.runner import ModelRunner  # noqa: E402
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--page-size", type=int, default=None,
+                        help="default: the engine's for the platform (EngineConfig.page_size)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (2 fake devices)")
     parser.add_argument("--out", default=None)
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0].device_kind
     print(f"{len(jax.devices())} x {device}, {args.model}, {jnp.dtype(dtype).name}", flush=True)
     rows = []
+    args.page_size = args.page_size or default_page_size()
     for tp in args.tp:
         for row in decode_steps(config, tp, args.batches, args.context, args.page_size, dtype,
                                 args.repeats):

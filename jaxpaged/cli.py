@@ -20,6 +20,7 @@ _FLAG_HELP = {
     "async_scheduling": "schedule step N+1 while step N runs on the device "
                         "(default: on for GPU and TPU, off on CPU)",
     "tensor_parallel_size": "shard the model and KV cache over this many devices (default: 1)",
+    "page_size": "tokens per KV-cache page, a power of two (default: 64 on NVIDIA GPUs, 16 elsewhere)",
     "load_format": "auto (read the checkpoint) or dummy (random weights of the model's shapes; "
                    "also for shipped configs: llama-3.1-8b, llama-3.2-1b, qwen2.5-7b)",
 }

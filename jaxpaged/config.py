@@ -139,7 +139,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
-    page_size: int = 16
+    page_size: int | None = None  # tokens per KV page; None: `resolved_page_size`
     num_pages: int | None = None  # None: sized from the memory budget
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None  # explicit KV budget (wins over utilization)
@@ -176,7 +176,7 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if self.page_size & (self.page_size - 1):
+        if self.page_size is not None and self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
@@ -202,8 +202,14 @@ class EngineConfig:
             size *= 2
         return tuple(buckets) + (self.max_num_batched_tokens,)
 
-    def pages_per_seq(self, max_model_len: int) -> int:
-        return math.ceil(max_model_len / self.page_size)
+    def resolved_page_size(self, platform: str) -> int:
+        """`page_size`, or by platform: 64 on NVIDIA GPUs, where the decode kernel reads a page
+        per load (on an H200, batch 256 x ctx 1024 took 0.277 ms at page 64, 0.292 at 32 and
+        0.326 at 16; batch 32: 0.051, 0.050, 0.058: benchmarks/results/h200_session9.md); 16
+        elsewhere (vLLM's default; finer prefix sharing)."""
+        if self.page_size is not None:
+            return self.page_size
+        return 64 if platform == "gpu" else 16
 
 
 def pick_bucket(buckets: tuple[int, ...], n: int) -> int:

@@ -77,16 +77,17 @@ class Engine:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
                              f"max_position_embeddings ({model_len})")
         self.token_buckets = config.resolved_token_buckets()
-        self.pages_per_seq = config.pages_per_seq(self.max_model_len)
+        self.page_size = config.resolved_page_size(jax.devices()[0].platform)
+        self.pages_per_seq = -(-self.max_model_len // self.page_size)
         num_pages = self._num_pages()
-        self.pages = PageManager(num_pages, config.page_size,
+        self.pages = PageManager(num_pages, self.page_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len,
                                    share_pages_within_step=jax.devices()[0].platform != "tpu")
         self.runner = ModelRunner(
-            self.model_config, self.params, num_pages=num_pages, page_size=config.page_size,
+            self.model_config, self.params, num_pages=num_pages, page_size=self.page_size,
             max_num_seqs=config.max_num_seqs, pages_per_seq=self.pages_per_seq,
             max_model_len=self.max_model_len, token_buckets=self.token_buckets,
             attention_backend=config.attention_backend, kv_dtype=self.dtype, plan=self.plan)
@@ -317,7 +318,7 @@ class Engine:
         config = self.config
         if config.num_pages:
             return config.num_pages
-        per_page = kv_bytes_per_page(self.plan.config, config.page_size,
+        per_page = kv_bytes_per_page(self.plan.config, self.page_size,
                                      jnp.dtype(self.dtype).itemsize, config.tensor_parallel_size)
         budget = config.kv_cache_memory_bytes or device_kv_budget(self.params, config.gpu_memory_utilization)
         if budget is None:  # CPU: enough for every sequence at full length, within a fixed budget

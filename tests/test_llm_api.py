@@ -156,6 +156,22 @@ def test_unknown_llm_argument():
         LLM(max_num_seqs=64, max_num_batched_tokens=32)
 
 
+def test_page_size_default_by_platform():
+    from jaxpaged.config import EngineConfig
+
+    assert EngineConfig().resolved_page_size("gpu") == 64
+    assert EngineConfig().resolved_page_size("cpu") == EngineConfig().resolved_page_size("tpu") == 16
+    assert EngineConfig(page_size=32).resolved_page_size("gpu") == 32
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        EngineConfig(page_size=48)
+
+
+def test_engine_uses_the_resolved_page_size(smollm2_llm):
+    engine = smollm2_llm.engine
+    assert engine.page_size == engine.pages.page_size == 16  # CPU
+    assert engine.runner.kv_pages[0].shape[1] == 16
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_abort_frees_pages(smollm2_llm, async_scheduling):
     engine = smollm2_llm.engine

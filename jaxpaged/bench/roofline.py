@@ -97,6 +97,16 @@ def matmul_rate(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n ** 3 / seconds
 
 
+def default_page_size() -> int:
+    """The engine's default page size on this machine's devices (`EngineConfig.page_size`
+    unset), so benchmarks that build a runner themselves time what the engine would run."""
+    import jax
+
+    from jaxpaged.config import EngineConfig
+
+    return EngineConfig().resolved_page_size(jax.devices()[0].platform)
+
+
 def decode_weight_bytes(params, config) -> int:
     """Bytes of weights a decode step reads: every param but the embedding table, of which
     decode gathers a few rows (unless it is tied, and so also the LM head)."""

@@ -108,7 +108,7 @@ def engine_summary(engine) -> dict:
             "dtype": jax.numpy.dtype(engine.dtype).name,
             "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
             "attention_backend": resolve_backend(config.attention_backend, device.platform),
-            "num_pages": engine.pages.num_pages, "page_size": config.page_size,
+            "num_pages": engine.pages.num_pages, "page_size": engine.page_size,
             "max_num_seqs": config.max_num_seqs,
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "max_model_len": engine.max_model_len, "token_buckets": list(engine.token_buckets),
