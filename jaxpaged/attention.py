@@ -12,6 +12,7 @@ import jax
 
 from pallas_kernels import get_kv_cache_shape, ragged_paged_attention_reference
 from jaxpaged.config import ATTENTION_BACKENDS
+from jaxpaged.models.layers import apply_rope
 from jaxpaged.step_inputs import AttentionMetadata
 
 
@@ -49,17 +50,22 @@ def has_decode_only(name: str, platform: str) -> bool:
 
 def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window: int | None,
                    decode_only: bool = False):
-    """Returns attention(q, k, v, kv_pages, metadata) -> (out, kv_pages) for the chosen backend.
+    """Returns attention(q, k, v, kv_pages, metadata, rope) -> (out, kv_pages) for the chosen
+    backend: q [T, Hq, D], k/v [T, Hkv, D], rope (cos, sin) [T, D] each or None. q and k arrive
+    unrotated; the rotary embedding is applied here, or, in the GPU decode-only kernel, inside
+    the kernel (which then reads q/k/v straight from the projection's output).
 
     decode_only: the function only ever sees steps whose every sequence has one query token
     (`has_decode_only` says whether the backend does anything different then)."""
     backend = resolve_backend(name, platform)
     common = dict(sm_scale=sm_scale, sliding_window=sliding_window)
     reference = functools.partial(ragged_paged_attention_reference, **common)
+    fused_rope = False
     if backend == "reference":
         op = reference
     elif decode_only and has_decode_only(name, platform):
         op = functools.partial(_pallas_op(platform), decode_only=True, **common)
+        fused_rope = True
     else:
         op = functools.partial(_pallas_op(platform), **common)
 
@@ -68,20 +74,24 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
     # per module, and XLA inlines it). Unwrapped, the kernels were traced and lowered to Triton IR
     # again for each of the 32 layers of an 8B model: ~9 s per token bucket on this CPU.
     @jax.jit
-    def layer_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
-        chosen = op
+    def layer_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, rope):
+        chosen, in_kernel = op, fused_rope
         if name == "auto" and platform == "gpu":
             from pallas_kernels.gpu import compiled_supports
 
             # The Triton kernel needs power-of-two page_size >= 16 and head_dim; "auto" falls
             # back to the reference for other geometries ("pallas" raises a clear ValueError).
             if not compiled_supports(kv_pages.shape[1], kv_pages.shape[3]):
-                chosen = reference
+                chosen, in_kernel = reference, False
+        if rope is not None and in_kernel:
+            return chosen(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, rope=rope)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return chosen(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
 
-    def attention(q, k, v, kv_pages, metadata: AttentionMetadata):
+    def attention(q, k, v, kv_pages, metadata: AttentionMetadata, rope=None):
         return layer_attention(q, k, v, kv_pages, metadata.kv_lens, metadata.page_indices,
-                               metadata.cu_q_lens, metadata.num_seqs)
+                               metadata.cu_q_lens, metadata.num_seqs, rope)
 
     return attention
 

@@ -213,6 +213,7 @@ def ragged_paged_attention_gpu(
     decode: dict | None = None,
     decode_impl: str = "pallas",
     decode_only: bool = False,
+    rope=None,  # None or (cos, sin), each [T, head_dim] float32; decode_only only
     interpret: bool = False,
 ):
     """Writes k/v into kv_pages, then attends; returns (out [T, Hq, D] in q.dtype, new kv_pages).
@@ -229,6 +230,9 @@ def ragged_paged_attention_gpu(
     query token and token i is sequence i's (cu_q_lens[:num_seqs + 1] == arange; the caller
     guarantees it, the op does not check): one launch writes the new K/V and attends
     (`gpu_decode.decode_only_attention`), with no KV-write or prefill launch and no relayout.
+    With it, `rope=(cos, sin)` hands q and k over unrotated: the kernel applies the rotary
+    embedding (rotate-half, as Hugging Face's Llama) to q and to the new k it stores, which saves
+    the model's rope and q/k/v copy launches (three a layer in an 8B decode step).
     """
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     _validate_blocks(q, kv_pages, q_block_size, kv_block_size, interpret)
@@ -248,12 +252,20 @@ def ragged_paged_attention_gpu(
     dec = {**defaults, **(decode or {})}
     if decode_impl == "triton":
         triton_decode.check_options(**dec)
+    if rope is not None:
+        if not decode_only:
+            raise ValueError("rope= is only fused into the decode-only kernel (decode_only=True); "
+                             "rotate q and k before the op otherwise")
+        shape = (q.shape[0], q.shape[2])
+        if q.shape[2] % 2 or any(table.shape != shape for table in rope):
+            raise ValueError(f"rope tables must be (cos, sin) of shape {shape} (an even head_dim), "
+                             f"got {[table.shape for table in rope]}")
     if decode_only:
         if decode_impl != "pallas":
             raise ValueError(f"decode_only=True runs the Pallas decode kernel, got decode_impl={decode_impl!r}")
         return decode_only_attention(
             q, k, v, kv_pages, kv_lens, page_indices, num_seqs, sm_scale=sm_scale,
-            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, **dec)
+            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, rope=rope, **dec)
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
@@ -300,7 +312,7 @@ def ragged_paged_attention_gpu(
     if decode_impl == "triton":  # decode rows written in place into `out`
         out = triton_decode.decode_attention_triton(
             out, q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, **dec)
+            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, rope=rope, **dec)
         return out, kv_pages
 
     # Decode sequences (q_len == 1): slot i is the i-th of them.

@@ -17,6 +17,12 @@ so it is bound by HBM bandwidth, and what matters is keeping enough loads in fli
   on the H100; 256 keys per iteration was 15-30% slower than 128; in an 8B decode step 32 keys
   beat 128 by 22% at batch 32 and 5% at 256 but lost 10% at batch 1, and 16 keys lost
   everywhere). Numbers: benchmarks/results/gpu_kernel_bench_h100.md, decode_profile_h100.md.
+
+Batches where every sequence decodes have their own kernel (`decode_only_attention`): one launch
+that reads q, k and v as rows of the q/k/v projection's output, optionally applies the rotary
+embedding to q and k, stores the new K/V into its page and attends (split merge after it when the
+grid splits). Before, an 8B decode step launched rope of q, rope of k and v's copy between the
+projection and this kernel, each layer.
 """
 
 import functools
@@ -73,19 +79,23 @@ def split_count(num_used, num_kv_heads: int, num_splits: int, wave: int):
     return jnp.clip(max(wave, 2 * NUM_SMS) // programs, 1, num_splits).astype(jnp.int32)
 
 
-def _attend(q, kv_ref, page_at, h, begin, num_iters, num_keys, q_pos, *, sm_scale, sliding_window,
-            soft_cap, page_size, pages_per_iter, exact):
-    """Online softmax of q [M, D], the query at position q_pos, over the cached keys < num_keys
-    (num_keys - 1 <= q_pos) in pages begin .. begin + num_iters * pages_per_iter of one sequence
-    (`page_at(col)` -> page id). Returns the running (max, sum, acc) stats."""
-    m_rows, head_dim = q.shape
+def _attend(q_parts, kv_ref, page_at, h, begin, num_iters, num_keys, q_pos, *, sm_scale,
+            sliding_window, soft_cap, page_size, pages_per_iter, exact):
+    """Online softmax of the query at position q_pos, its q heads as rows [M, D] given in column
+    parts (`q_parts`: one [M, D] tile, or its two halves when rope was applied in the kernel),
+    over the cached keys < num_keys (num_keys - 1 <= q_pos) in pages begin .. begin + num_iters
+    * pages_per_iter of one sequence (`page_at(col)` -> page id). Returns the running (max, sum,
+    acc) stats."""
+    m_rows, head_dim = q_parts[0].shape[0], kv_ref.shape[-1]
+    starts = [sum(part.shape[1] for part in q_parts[:i]) for i in range(len(q_parts))]
 
     def page_step(col, stats):
         m, l, acc = stats
         page = page_at(col)
-        k = kv_ref[page, :, 2 * h, :]  # [P, D]
+        s = sum(plgpu.dot(part, kv_ref[page, :, 2 * h, pl.ds(lo, part.shape[1])], trans_b=True,
+                          allow_tf32=not exact)
+                for part, lo in zip(q_parts, starts)) * sm_scale  # [M, P]
         v = kv_ref[page, :, 2 * h + 1, :]  # [P, D]
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact) * sm_scale  # [M, P]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         key_pos = col * page_size + lax.broadcasted_iota(jnp.int32, (1, page_size), 1)  # [1, P]
@@ -112,10 +122,12 @@ def _attend(q, kv_ref, page_at, h, begin, num_iters, num_keys, q_pos, *, sm_scal
     return lax.fori_loop(0, num_iters, body, stats)
 
 
-def _add_key(stats, q, k, v, take, *, sm_scale, soft_cap):
-    """One more key (k, v [D]) into the online softmax of q [M, D], where `take` (traced bool)."""
+def _add_key(stats, q_parts, k_parts, v, take, *, sm_scale, soft_cap):
+    """One more key (in column parts matching `q_parts`; v [D]) into the online softmax of the
+    query rows, where `take` (traced bool)."""
     m, l, acc = stats
-    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1) * sm_scale  # [M]
+    s = sum(jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1)
+            for q, k in zip(q_parts, k_parts)) * sm_scale  # [M]
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     s = jnp.where(take, s, -jnp.inf)
@@ -124,6 +136,16 @@ def _add_key(stats, q, k, v, take, *, sm_scale, soft_cap):
     p, alpha = jnp.exp(s - m_safe), jnp.exp(m - m_safe)  # [M]
     v = jnp.where(take, v.astype(jnp.float32), 0.0)  # a padding token's v may be NaN
     return m_new, alpha * l + p, alpha[:, None] * acc + p[:, None] * v[None, :]
+
+
+def _rotate_half(lo, hi, cos, sin):
+    """The rotary embedding (rotate-half, as Hugging Face's Llama) of rows given as halves
+    lo, hi [..., D/2], with cos, sin as halves too: (lo*cos - hi*sin, hi*cos + lo*sin) in
+    float32, cast back: the same arithmetic as the model's `apply_rope`."""
+    (cos_lo, cos_hi), (sin_lo, sin_hi) = cos, sin
+    lo32, hi32 = lo.astype(jnp.float32), hi.astype(jnp.float32)
+    return ((lo32 * cos_lo - hi32 * sin_lo).astype(lo.dtype),
+            (hi32 * cos_hi + lo32 * sin_hi).astype(hi.dtype))
 
 
 def _finish(stats):
@@ -157,7 +179,7 @@ def _decode_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, lse_ref, *, group_
     begin, num_iters = _split_range(kv_len, kv_len - 1, split, used_splits, page_size=page_size,
                                     pages_per_iter=pages_per_iter, sliding_window=sliding_window)
     page_at = lambda col: pages_ref[seq * pages_per_seq + jnp.minimum(col, pages_per_seq - 1)]
-    out, lse = _finish(_attend(q, kv_ref, page_at, h, begin, num_iters, kv_len, kv_len - 1,
+    out, lse = _finish(_attend((q,), kv_ref, page_at, h, begin, num_iters, kv_len, kv_len - 1,
                                page_size=page_size, pages_per_iter=pages_per_iter,
                                sliding_window=sliding_window, **attend))
     base = ((slot * num_splits + split) * num_kv_heads + h) * group_pad  # [S, splits, Hkv, Gp] rows
@@ -219,20 +241,25 @@ def merge_splits(out, lse):
 
 # ---- decode-only batches: one kernel, KV write fused ------------------------------------------
 
-def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, q_ref, k_ref, v_ref, kv_in_ref, *refs,
-                        group, num_q_heads, num_kv_heads, page_size, num_pages, pages_per_iter,
-                        num_splits, fixed_splits, wave, sliding_window, **attend):
+def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, sin_ref, kv_in_ref,
+                        *refs, num_tokens, group, num_q_heads, num_kv_heads, page_size, num_pages,
+                        pages_per_iter, num_splits, fixed_splits, wave, sliding_window, rope,
+                        **attend):
     """A flat grid: program p is (token, kv head, split) for the splits this step uses, token
     slowest, so the working programs come first and the grid holds only as many as the busiest
-    sequence count needs (`decode_only_programs`). Token t is sequence t's only query. Split 0
-    stores the token's new K/V into its page and adds it to its softmax from k_ref/v_ref (on
-    the H100 a `where` over every K/V tile to swap it in cost 3-5% at long contexts). Programs
-    past the sequences in use do nothing, except that with one split (outputs stored directly)
-    a padding token's programs store its zero rows."""
+    sequence count needs (`decode_only_programs`). Token t is sequence t's only query; its q,
+    k and v heads are rows of qkv_ref (`rows_per_token` a token). With `rope`, q and the new k
+    are rotated here (by cos_ref/sin_ref [T, D] of token t), in halves of the head dim, so the
+    scores are two half-width dots. Split 0 stores the token's new K/V into its page and adds
+    it to its softmax (on the H100 a `where` over every K/V tile to swap it in cost 3-5% at long
+    contexts). Programs past the sequences in use do nothing, except that with one split
+    (outputs stored directly) a padding token's programs store its zero rows."""
     o_ref, lse_ref, kv_ref = refs if num_splits > 1 else (refs[0], None, refs[1])
     del kv_in_ref  # the same buffer as kv_ref (aliased)
     num_seqs_max, pages_per_seq = pages_ref.shape
-    n = jnp.minimum(num_seqs_ref[0], min(num_seqs_max, k_ref.shape[0]))
+    head_dim = qkv_ref.shape[-1]
+    rows_per_token = num_q_heads + 2 * num_kv_heads
+    n = jnp.minimum(num_seqs_ref[0], min(num_seqs_max, num_tokens))
     if num_splits == 1:
         used_splits = 1
     elif fixed_splits:
@@ -245,33 +272,45 @@ def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, q_ref, k_ref, v_re
     split = program % used_splits
     m_rows = decode_rows(_next_pow2(group))
     g = lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0)  # [M, 1]
-    head_dim = k_ref.shape[-1]
-    mask = jnp.broadcast_to(g < group, (m_rows, head_dim))
-    first_row = t * num_q_heads + h * group  # q and out as rows [T * Hq, D]
+    first_row = t * num_q_heads + h * group  # out as rows [T * Hq, D]
+    q_row = t * rows_per_token + h * group
+    k_row = t * rows_per_token + num_q_heads + h
+    parts = ((0, head_dim // 2), (head_dim // 2, head_dim // 2)) if rope else ((0, head_dim),)
 
     @pl.when(t < n)
     def _():
         kv_len = kv_lens_ref[t]
         page_at = lambda col: jnp.clip(pages_ref[t, jnp.minimum(col, pages_per_seq - 1)], 0, num_pages - 1)
-        new_k, new_v = k_ref[t, h, :], v_ref[t, h, :]  # [D]
+        q_parts = [plgpu.load(qkv_ref.at[pl.ds(q_row, m_rows), pl.ds(lo, width)],
+                              mask=jnp.broadcast_to(g < group, (m_rows, width)), other=0.0)
+                   for lo, width in parts]  # [M, width] each
+        k_parts = [qkv_ref[k_row, pl.ds(lo, width)] for lo, width in parts]  # [width] each
+        new_v = qkv_ref[k_row + num_kv_heads, :]  # [D]
+        if rope:
+            cos = [cos_ref[t, pl.ds(lo, width)] for lo, width in parts]
+            sin = [sin_ref[t, pl.ds(lo, width)] for lo, width in parts]
+            q_parts = _rotate_half(*q_parts, [c[None, :] for c in cos], [s[None, :] for s in sin])
+            k_parts = _rotate_half(*k_parts, cos, sin)
 
         @pl.when((split == 0) & (kv_len > 0))
         def _():
             page, row = page_at((kv_len - 1) // page_size), (kv_len - 1) % page_size
-            kv_ref[page, row, 2 * h, :] = new_k.astype(kv_ref.dtype)
+            for part, (lo, width) in zip(k_parts, parts):
+                kv_ref[page, row, 2 * h, pl.ds(lo, width)] = part.astype(kv_ref.dtype)
             kv_ref[page, row, 2 * h + 1, :] = new_v.astype(kv_ref.dtype)
 
-        q = plgpu.load(q_ref.at[pl.ds(first_row, m_rows), :], mask=mask, other=0.0)  # [M, D]
         # The cache's first kv_len - 1 keys, then (split 0) the new one: the row being written
         # is never read, so no program depends on split 0's store.
         q_pos = kv_len - 1
         begin, num_iters = _split_range(q_pos, q_pos, split, used_splits, page_size=page_size,
                                         pages_per_iter=pages_per_iter, sliding_window=sliding_window)
-        stats = _attend(q, kv_ref, page_at, h, begin, num_iters, q_pos, q_pos, page_size=page_size,
-                        pages_per_iter=pages_per_iter, sliding_window=sliding_window, **attend)
-        stats = _add_key(stats, q, new_k, new_v, (split == 0) & (kv_len > 0),
+        stats = _attend(q_parts, kv_ref, page_at, h, begin, num_iters, q_pos, q_pos,
+                        page_size=page_size, pages_per_iter=pages_per_iter,
+                        sliding_window=sliding_window, **attend)
+        stats = _add_key(stats, q_parts, k_parts, new_v, (split == 0) & (kv_len > 0),
                          sm_scale=attend["sm_scale"], soft_cap=attend["soft_cap"])
         out, lse = _finish(stats)
+        mask = jnp.broadcast_to(g < group, out.shape)
         if lse_ref is None:  # one split: the output rows directly
             plgpu.store(o_ref.at[pl.ds(first_row, m_rows), :], out.astype(o_ref.dtype), mask=mask)
         else:
@@ -283,7 +322,7 @@ def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, q_ref, k_ref, v_re
         @pl.when(t >= n)
         def _():
             plgpu.store(o_ref.at[pl.ds(first_row, m_rows), :], jnp.zeros((m_rows, head_dim), o_ref.dtype),
-                        mask=mask)
+                        mask=jnp.broadcast_to(g < group, (m_rows, head_dim)))
 
 
 def decode_only_programs(num_tokens: int, num_seqs_max: int, num_kv_heads: int, num_splits: int,
@@ -301,10 +340,15 @@ def decode_only_programs(num_tokens: int, num_seqs_max: int, num_kv_heads: int, 
 
 def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *, sm_scale,
                           sliding_window, soft_cap, pages_per_iter, num_splits, num_warps,
-                          num_stages, interpret):
+                          num_stages, interpret, rope=None):
     """The whole op for a batch whose every sequence has one query token, token i being sequence
     i's (cu_q_lens == arange): one launch that writes the new K/V and attends, plus the split
-    merge when the grid splits. Returns (out [T, Hq, D] in q.dtype, kv_pages)."""
+    merge when the grid splits. rope: None, or (cos, sin) [T, D] float32 tables with which the
+    kernel rotates q and k first (rotate-half). Returns (out [T, Hq, D] in q.dtype, kv_pages).
+
+    q, k and v go in as one [T * (Hq + 2 Hkv), D] array of rows: where they are slices of one
+    matmul's output (XLA merges the q/k/v projections), the concatenation is that output
+    itself, so nothing is copied between the projection and the kernel."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
@@ -316,20 +360,28 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
     wave = wave_size(2 * pages_per_iter * page_size * head_dim * kv_pages.dtype.itemsize, num_stages)
     grid_splits = num_splits or num_splits_for(num_tokens, num_kv_heads, pages_per_seq, pages_per_iter, wave)
     rows = num_tokens * num_q_heads
+    qkv = jnp.concatenate([q.reshape(num_tokens, -1), k.reshape(num_tokens, -1),
+                           v.reshape(num_tokens, -1)], axis=1)
+    qkv = qkv.reshape(num_tokens * (num_q_heads + 2 * num_kv_heads), head_dim)
     # Only tiny shapes (tests) need spare rows for a tile to stay in bounds.
-    q_rows = jnp.pad(q.reshape(rows, head_dim), ((0, max(m_rows - rows, 0)), (0, 0)))
+    qkv = jnp.pad(qkv, ((0, max(m_rows - qkv.shape[0], 0)), (0, 0)))
+    if rope is None:
+        cos = sin = jnp.zeros((1, head_dim), jnp.float32)  # not read
+    else:
+        cos, sin = (table.astype(jnp.float32) for table in rope)
     if grid_splits > 1:
         partial_rows = num_tokens * grid_splits * num_kv_heads * group
         # m_rows spare rows: the last program's masked tile stays in bounds.
         out_shape = [jax.ShapeDtypeStruct((partial_rows + m_rows, head_dim), jnp.float32),
                      jax.ShapeDtypeStruct((partial_rows + m_rows,), jnp.float32)]
     else:
-        out_shape = [jax.ShapeDtypeStruct(q_rows.shape, q.dtype)]
+        out_shape = [jax.ShapeDtypeStruct((max(rows, m_rows), head_dim), q.dtype)]
     kernel = functools.partial(
-        _decode_only_kernel, group=group, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        page_size=page_size, num_pages=num_pages, pages_per_iter=pages_per_iter,
-        num_splits=grid_splits, fixed_splits=num_splits, wave=wave, sliding_window=sliding_window,
-        sm_scale=sm_scale, soft_cap=soft_cap, exact=q.dtype == jnp.float32)
+        _decode_only_kernel, num_tokens=num_tokens, group=group, num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads, page_size=page_size, num_pages=num_pages,
+        pages_per_iter=pages_per_iter, num_splits=grid_splits, fixed_splits=num_splits, wave=wave,
+        sliding_window=sliding_window, rope=rope is not None, sm_scale=sm_scale, soft_cap=soft_cap,
+        exact=q.dtype == jnp.float32)
     whole = pl.BlockSpec()
     *res, kv_pages = pl.pallas_call(
         kernel,
@@ -342,7 +394,7 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_paged_attention_gpu_decode_only",
-    )(num_seqs, kv_lens, page_indices, q_rows, k, v, kv_pages)
+    )(num_seqs, kv_lens, page_indices, qkv, cos, sin, kv_pages)
     if grid_splits == 1:
         return res[0][:rows].reshape(num_tokens, num_q_heads, head_dim), kv_pages
     # Rows no program stored (padding tokens, splits past the ones used) are garbage: masked.

@@ -44,22 +44,40 @@ def make_batch(seqs, *, num_q_heads, num_kv_heads, head_dim, page_size, dtype, p
             jnp.asarray(page_indices, jnp.int32), jnp.asarray(cu, jnp.int32), jnp.asarray([len(seqs)], jnp.int32))
 
 
+def rotate_half(x, cos, sin):
+    """The rotary embedding in numpy float32, cast back: x [T, H, D], cos/sin [T, D]."""
+    x32 = np.asarray(x, np.float32)
+    half = x32.shape[-1] // 2
+    rotated = np.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return jnp.asarray(x32 * cos[:, None, :] + rotated * sin[:, None, :], x.dtype)
+
+
 def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4, num_kv_heads=1, head_dim=64, page_size=8,
           q_block_size=4, kv_block_size=16, atol=1e-4, **kw):
     args = make_batch(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       page_size=page_size, dtype=dtype, pad_tokens=kw.pop("pad_tokens", 0),
                       pad_seqs=kw.pop("pad_seqs", 0))
     decode, decode_only = kw.pop("decode", None), kw.pop("decode_only", False)
+    rope = None
+    if kw.pop("rope", False):  # the op rotates q and k itself: the reference gets them rotated
+        rng = np.random.default_rng(1)  # any tables, so halves and signs mixed up would show
+        rope = tuple(rng.uniform(-1, 1, (args[0].shape[0], head_dim)).astype(np.float32) for _ in "cs")
+        ref_args = (rotate_half(args[0], *rope), rotate_half(args[1], *rope), *args[2:])
     static = dict(sm_scale=head_dim**-0.5, **kw)
-    want, want_kv = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **static))(*args)
+    want, want_kv = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **static))(*(ref_args if rope else args))
     got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(
         *a, q_block_size=q_block_size, kv_block_size=kv_block_size, decode=decode, decode_only=decode_only,
-        interpret=interpret,
+        rope=rope, interpret=interpret,
         **static))(*args)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=atol, rtol=atol)
-    np.testing.assert_array_equal(np.asarray(got_kv, np.float32), np.asarray(want_kv, np.float32))
+    got_kv, want_kv = np.asarray(got_kv, np.float32), np.asarray(want_kv, np.float32)
+    if rope is None:
+        np.testing.assert_array_equal(got_kv, want_kv)
+    else:  # new keys rotated in the kernel: equal to rounding (NaN where the reference has NaN)
+        np.testing.assert_allclose(got_kv, want_kv, rtol=1e-6, atol=1e-6 if dtype == jnp.float32 else 1e-2)
+        np.testing.assert_array_equal(np.isnan(got_kv), np.isnan(want_kv))
 
 
 # ---- interpret mode (CPU) against the float64 oracle and the reference's cache, NaN-filled batches ----
@@ -133,6 +151,11 @@ DECODE_ONLY_CASES = [
     ([(1, 64), (1, 65)], (2, 2), 128, 32, dict(decode=dict(num_splits=1, pages_per_iter=1), soft_cap=2.0)),  # one split: rows stored directly
     ([(1, 8)], (32, 8), 64, 8, dict(decode=dict(pages_per_iter=1))),  # one token, one page
     ([(1, 100)], (4, 2), 64, 16, dict(decode=dict(pages_per_iter=1), pad_tokens=13)),  # batch 1 in a 16-token bucket
+    # rope rotated in the kernel: several splits, one split, a window and a soft-cap, GQA 3
+    ([(1, 100), (1, 37), (1, 16), (1, 1)], (4, 2), 64, 16, dict(decode=dict(pages_per_iter=1), rope=True)),
+    ([(1, 64), (1, 65)], (2, 2), 128, 32, dict(decode=dict(num_splits=1, pages_per_iter=1), soft_cap=2.0, rope=True)),
+    ([(1, 100), (1, 37), (1, 33)], (9, 3), 64, 16, dict(decode=dict(num_splits=3, pages_per_iter=2), sliding_window=20,
+                                                       rope=True)),
 ]
 
 
@@ -195,7 +218,8 @@ def test_compiled_options(kw):
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)])
 @pytest.mark.parametrize("page_size,heads,head_dim,kw", [
     (16, (32, 8), 128, {}), (64, (9, 3), 64, dict(sliding_window=100)), (128, (16, 4), 128, dict(soft_cap=30.0)),
-    (64, (32, 8), 128, dict(decode=dict(num_splits=1)))])
+    (64, (32, 8), 128, dict(decode=dict(num_splits=1))), (64, (32, 8), 128, dict(rope=True)),
+    (16, (9, 3), 64, dict(rope=True, decode=dict(num_splits=1)))])
 def test_compiled_decode_only_matches_reference(dtype, atol, page_size, heads, head_dim, kw):
     seqs = [(1, n) for n in (100, 513, 2000, 1, 64, 4096)]
     check_against_reference(seqs, interpret=False, dtype=dtype, atol=atol, num_q_heads=heads[0],

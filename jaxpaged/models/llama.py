@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.config import ModelConfig
-from jaxpaged.models.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
+from jaxpaged.models.layers import rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
 from jaxpaged.step_inputs import AttentionMetadata
 
-# attention(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], kv_pages, metadata) -> (out [T,Hq,D], kv_pages)
+# attention(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], kv_pages, metadata, rope=(cos, sin) [T,D] each)
+#   -> (out [T,Hq,D], kv_pages); q and k go in unrotated (jaxpaged.attention.make_attention)
 AttentionFn = Callable
 
 
@@ -46,8 +47,8 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
             v = v.reshape(num_tokens, config.num_kv_heads, hd)  # [T, Hkv, hd]
             if config.qk_norm:
                 q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            out, pages = attention(q, k, v, pages, metadata)  # [T, Hq, hd]
+            # attention rotates q and k by (cos, sin) (in its kernel where the backend can)
+            out, pages = attention(q, k, v, pages, metadata, rope=(cos, sin))  # [T, Hq, hd]
             x = x + out.reshape(num_tokens, -1) @ layer["o_proj"]
             h = rms_norm(x, layer["post_norm"], eps)
             x = x + swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"])
