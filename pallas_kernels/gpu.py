@@ -312,7 +312,7 @@ def ragged_paged_attention_gpu(
     if decode_impl == "triton":  # decode rows written in place into `out`
         out = triton_decode.decode_attention_triton(
             out, q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, rope=rope, **dec)
+            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, **dec)
         return out, kv_pages
 
     # Decode sequences (q_len == 1): slot i is the i-th of them.
