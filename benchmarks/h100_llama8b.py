@@ -58,6 +58,8 @@ def parse_args(argv=None):
                         default=[16, 64, 256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--page-size", type=int, default=None,
+                        help="the engine's page size (default: the engine's for the platform)")
     parser.add_argument("--offline-seconds", type=float, default=240,
                         help="stop the offline run after this long and report what finished")
     parser.add_argument("--hf-prompts", type=int, default=256)
@@ -283,7 +285,7 @@ def engine_kwargs(args) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 token_buckets=tuple(args.token_buckets),
                 gpu_memory_utilization=args.gpu_memory_utilization,
-                attention_backend=args.attention_backend)
+                attention_backend=args.attention_backend, page_size=args.page_size)
 
 
 def run_jax(args) -> dict:

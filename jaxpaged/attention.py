@@ -53,7 +53,7 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
     """Returns attention(q, k, v, kv_pages, metadata, rope) -> (out, kv_pages) for the chosen
     backend: q [T, Hq, D], k/v [T, Hkv, D], rope (cos, sin) [T, D] each or None. q and k arrive
     unrotated; the rotary embedding is applied here, or, in the GPU decode-only kernel, inside
-    the kernel (which then reads q/k/v straight from the projection's output).
+    the kernel (which then reads q/k/v as rows of one concatenated array).
 
     decode_only: the function only ever sees steps whose every sequence has one query token
     (`has_decode_only` says whether the backend does anything different then)."""

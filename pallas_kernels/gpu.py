@@ -231,8 +231,9 @@ def ragged_paged_attention_gpu(
     guarantees it, the op does not check): one launch writes the new K/V and attends
     (`gpu_decode.decode_only_attention`), with no KV-write or prefill launch and no relayout.
     With it, `rope=(cos, sin)` hands q and k over unrotated: the kernel applies the rotary
-    embedding (rotate-half, as Hugging Face's Llama) to q and to the new k it stores, which saves
-    the model's rope and q/k/v copy launches (three a layer in an 8B decode step).
+    embedding (rotate-half, as Hugging Face's Llama) to q and to the new k it stores: in an 8B
+    decode step one launch a layer for the q/k/v concatenation replaces rope of q, rope of k and
+    v's copy (batch 1 on the H200: 4.70 -> 4.59 ms a step).
     """
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     _validate_blocks(q, kv_pages, q_block_size, kv_block_size, interpret)

@@ -22,7 +22,8 @@ Batches where every sequence decodes have their own kernel (`decode_only_attenti
 that reads q, k and v as rows of the q/k/v projection's output, optionally applies the rotary
 embedding to q and k, stores the new K/V into its page and attends (split merge after it when the
 grid splits). Before, an 8B decode step launched rope of q, rope of k and v's copy between the
-projection and this kernel, each layer.
+projection and this kernel, each layer; now XLA makes one fusion of the q/k/v concatenation
+there (2.4 us at batch 1 on the H200: benchmarks/results/h200_session9.md).
 """
 
 import functools
@@ -346,9 +347,9 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
     merge when the grid splits. rope: None, or (cos, sin) [T, D] float32 tables with which the
     kernel rotates q and k first (rotate-half). Returns (out [T, Hq, D] in q.dtype, kv_pages).
 
-    q, k and v go in as one [T * (Hq + 2 Hkv), D] array of rows: where they are slices of one
-    matmul's output (XLA merges the q/k/v projections), the concatenation is that output
-    itself, so nothing is copied between the projection and the kernel."""
+    q, k and v go in as one [T * (Hq + 2 Hkv), D] array of rows, one concatenation for the
+    three (XLA merges the q/k/v projections into one matmul, but on the H200 it still copied
+    their slices back together: one small fusion a layer, where rope and v's copy were three)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
