@@ -15,7 +15,7 @@ Triton decode kernel (`decode_impl=`) on the same shapes in one run; `--kernel-o
 path, no metadata ops) for batch 1 and 32, which separates the kernel from the op's fixed costs;
 `--sweep-triton` adds Triton tile/pipelining/split variants; `--sweep-decode-only`
 split/tile/pipelining variants of the decode-only op; `--sweep-engine-decode` its tile,
-pipelining and warp variants on the engine's decode shapes (page 16, ctx 1024); `--sweep-prefill` prefill block, warp
+pipelining and warp variants at page 16 (the engine's page before session 9), ctx 1024; `--sweep-prefill` prefill block, warp
 and pipelining variants; `--md` writes a side-by-side table.
 
     python benchmarks/gpu_kernel_bench.py --sweep --out results.json
@@ -164,8 +164,8 @@ def main():
     ap.add_argument("--sweep-decode-only", action="store_true",
                     help="also decode-only split and tile variants on six shapes")
     ap.add_argument("--sweep-engine-decode", action="store_true",
-                    help="also decode-only tile/pipelining/warp variants on the engine's shapes "
-                         "(page 16, ctx 1024; batch 1, 32, 256) and two larger page sizes")
+                    help="also decode-only tile/pipelining/warp variants at page 16, ctx 1024 "
+                         "(batch 1, 32, 256), and the defaults at pages 32 and 64")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--md", type=Path, help="also write a markdown table of the decode rows, impls side by side")
     a = ap.parse_args()
@@ -231,7 +231,7 @@ def main():
             for dec in [dict(num_splits=n) for n in (1, 2, 4, 8, 16) if batch * n <= 64] + [dict(pages_per_iter=2)]:
                 measure_row("decode", batch, 1, ctx, page, "decode_only", dict(decode=dec))
     if a.sweep_engine_decode and not a.smoke:
-        # What an 8B engine's decode-only steps run (page 16): keys per iteration x pipeline
+        # An 8B engine's decode-only steps at page 16: keys per iteration x pipeline
         # depth at 4 warps, then 8 warps at the default depth; pages of 32 and 64 at the defaults.
         variants = [dict(pages_per_iter=p, num_stages=st) for p in (1, 2, 4, 8) for st in (2, 3, 4)]
         variants += [dict(pages_per_iter=p, num_warps=8) for p in (2, 8)]

@@ -4,7 +4,6 @@ Host-side: no JAX here.
 """
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 

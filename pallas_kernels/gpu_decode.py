@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -69,15 +70,15 @@ def num_splits_for(num_slots: int, num_kv_heads: int, pages_per_seq: int, pages_
     return max(1, min(max(target // programs, alone), -(-pages_per_seq // pages_per_iter), MAX_SPLITS))
 
 
-def split_count(num_used, num_kv_heads: int, num_splits: int, wave: int):
+def split_count(num_used, num_kv_heads: int, num_splits: int, wave: int, xp=jnp):
     """Splits the step uses (traced), at most the grid's `num_splits`: as many as fill one wave
     of resident programs (`wave_size`) and at least two programs per SM, never more, for the
     slots in use. A second wave that is mostly empty leaves bandwidth idle; on the H100 at
     page 64 (bf16, Llama-3-8B heads):
     - 32 x 2k, 256 programs in a wave of 264: 1 split 0.102 ms, 2 splits 0.121, 4 splits 0.107;
     - 8 x 8k, 64 programs: 1 split 0.180 ms, 2 splits 0.109, 4 splits 0.103, 8 splits 0.105."""
-    programs = jnp.maximum(num_used, 1) * num_kv_heads
-    return jnp.clip(max(wave, 2 * NUM_SMS) // programs, 1, num_splits).astype(jnp.int32)
+    programs = xp.maximum(num_used, 1) * num_kv_heads
+    return xp.clip(max(wave, 2 * NUM_SMS) // programs, 1, num_splits).astype(xp.int32)
 
 
 def _attend(q_parts, kv_ref, page_at, h, begin, num_iters, num_keys, q_pos, *, sm_scale,
@@ -330,13 +331,12 @@ def decode_only_programs(num_tokens: int, num_seqs_max: int, num_kv_heads: int, 
                          fixed_splits: int | None, wave: int) -> int:
     """The decode-only grid: every token's programs with one split; with several, the most any
     sequence count up to the bucket's uses (n x kv heads x `split_count(n)`). A batch-1 step in
-    a 16-token bucket of an 8B model (8 KV heads, room for 8 splits) launches 256 programs, not
-    16 x 8 x 8 = 1,024 of which 64 work."""
+    a 16-token bucket of an 8B model (8 KV heads, room for 8 splits, a wave of 264) launches 264
+    programs, not 16 x 8 x 8 = 1,024 of which 64 work."""
     if num_splits == 1:
         return num_tokens * num_kv_heads
-    target = max(wave, 2 * NUM_SMS)
-    return max(n * num_kv_heads * (fixed_splits or min(max(target // (n * num_kv_heads), 1), num_splits))
-               for n in range(1, min(num_tokens, num_seqs_max) + 1))
+    n = np.arange(1, min(num_tokens, num_seqs_max) + 1)
+    return int(np.max(n * num_kv_heads * (fixed_splits or split_count(n, num_kv_heads, num_splits, wave, xp=np))))
 
 
 def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *, sm_scale,
