@@ -166,6 +166,8 @@ def main():
     ap.add_argument("--sweep-engine-decode", action="store_true",
                     help="also decode-only tile/pipelining/warp variants at page 16, ctx 1024 "
                          "(batch 1, 32, 256), and the defaults at pages 32 and 64")
+    ap.add_argument("--sweep-splits", action="store_true",
+                    help="also decode-only split counts 1-4 and the default at batch 16-128, ctx 1k-8k")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--md", type=Path, help="also write a markdown table of the decode rows, impls side by side")
     a = ap.parse_args()
@@ -241,6 +243,13 @@ def main():
                 measure_row("decode", batch, 1, 1024, 16, "decode_only", dict(decode=dec))
             for page_size in (32, 64):
                 measure_row("decode", batch, 1, 1024, page_size, "decode_only", {})
+    if a.sweep_splits and not a.smoke:
+        for batch, ctx in ((16, 2048), (16, 8192), (32, 1024), (32, 2048), (32, 8192), (64, 1024), (64, 2048),
+                           (64, 8192), (128, 1024), (128, 2048)):
+            measure_row("decode", batch, 1, ctx, page, "decode_only", {})
+            for n in (1, 2, 3, 4):
+                if batch * hkv * n <= 2048:
+                    measure_row("decode", batch, 1, ctx, page, "decode_only", dict(decode=dict(num_splits=n)))
     if a.sweep and not a.smoke:
         for batch, ctx in ((32, 8192), (128, 2048)):
             for page_size in (16, 128):

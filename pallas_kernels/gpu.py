@@ -188,7 +188,7 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
 
 # ---- the public op --------------------------------------------------------------------------
 
-DECODE_DEFAULTS = dict(pages_per_iter=None, num_splits=None, num_warps=4, num_stages=3)
+DECODE_DEFAULTS = dict(pages_per_iter=None, num_splits=None, num_warps=4, num_stages=3, min_splits=None)
 DECODE_IMPLS = ("pallas", "triton")
 
 
@@ -222,7 +222,8 @@ def ragged_paged_attention_gpu(
     function; donate kv_pages to update it in place). q_block_size / kv_block_size /
     num_warps / num_stages (None: by the tile's bytes) tune the prefill kernel; `decode` (keys of DECODE_DEFAULTS) the decode
     kernel: pages_per_iter (None: 32 or 128 keys per iteration, by the grid's size) and
-    num_splits (None: from the grid).
+    num_splits (None: from the grid); min_splits, for the decode-only op only (None: by the chip,
+    `gpu_decode.min_splits_for`; the mixed op's decode kernel keeps the one-wave rule).
     decode_impl="triton" runs decode rows through `triton_decode.py` instead; `decode` then takes
     the keys of `triton_decode.DEFAULTS`.
 
@@ -232,8 +233,8 @@ def ragged_paged_attention_gpu(
     (`gpu_decode.decode_only_attention`), with no KV-write or prefill launch and no relayout.
     With it, `rope=(cos, sin)` hands q and k over unrotated: the kernel applies the rotary
     embedding (rotate-half, as Hugging Face's Llama) to q and to the new k it stores: in an 8B
-    decode step one launch a layer for the q/k/v concatenation replaces rope of q, rope of k and
-    v's copy (batch 1 on the H200: 4.70 -> 4.59 ms a step).
+    decode step that removed rope of q, rope of k and v's copy, three launches a layer (batch 1
+    on the H200: 4.70 -> 4.59 ms a step).
     """
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     _validate_blocks(q, kv_pages, q_block_size, kv_block_size, interpret)

@@ -7,10 +7,12 @@ so it is bound by HBM bandwidth, and what matters is keeping enough loads in fli
   smallest dot), so K and V of a kv head are read once for the whole group.
 - When slots x kv heads is too small to fill the GPU, each sequence's pages are cut into
   contiguous ranges, one per program; each writes a float32 partial output and its log-sum-exp,
-  and a small jnp step merges the splits. The grid has room for `num_splits` ranges; how many
+  and a small jnp step merges the splits (XLA makes two ~1.7 us kernels of it; one Pallas merge
+  kernel took as long, 3.3 us, on the H200). The grid has room for `num_splits` ranges; how many
   are used is data (`split_count`): enough to fill one wave of resident programs (`wave_size`,
   from the shared memory a program's pipeline takes) for the slots that hold a sequence, so a
-  batch-1 step in a 16-slot bucket splits like a 1-slot grid (the spare programs read nothing).
+  batch-1 step in a 16-slot bucket splits like a 1-slot grid (the spare programs read nothing);
+  on the H200 at least two while the slots alone fill one wave (`MIN_SPLITS_BY_CHIP`).
 - Each loop iteration visits `pages_per_iter` pages (unrolled; default 32 keys when slots x kv
   heads fill the SMs, else 128), and `num_stages` asks Triton's software pipeliner to prefetch
   the next iteration's pages while this one computes (2 vs 3 stages, 4 vs 8 warps: within noise
@@ -22,8 +24,10 @@ Batches where every sequence decodes have their own kernel (`decode_only_attenti
 that reads q, k and v as rows of the q/k/v projection's output, optionally applies the rotary
 embedding to q and k, stores the new K/V into its page and attends (split merge after it when the
 grid splits). Before, an 8B decode step launched rope of q, rope of k and v's copy between the
-projection and this kernel, each layer; now XLA makes one fusion of the q/k/v concatenation
-there (2.4 us at batch 1 on the H200: benchmarks/results/h200_session9.md).
+projection and this kernel, each layer. The one kernel left between them (1.5-2.4 us at batch
+1 on the H200) is the split-K reduction of XLA's merged q/k/v matmul, which writes the q/k/v
+rows this kernel reads: the concatenation below costs nothing
+(benchmarks/results/h200_session10.md).
 """
 
 import functools
@@ -70,15 +74,30 @@ def num_splits_for(num_slots: int, num_kv_heads: int, pages_per_seq: int, pages_
     return max(1, min(max(target // programs, alone), -(-pages_per_seq // pages_per_iter), MAX_SPLITS))
 
 
-def split_count(num_used, num_kv_heads: int, num_splits: int, wave: int, xp=jnp):
+def split_count(num_used, num_kv_heads: int, num_splits: int, wave: int, xp=jnp, min_splits: int = 1):
     """Splits the step uses (traced), at most the grid's `num_splits`: as many as fill one wave
     of resident programs (`wave_size`) and at least two programs per SM, never more, for the
-    slots in use. A second wave that is mostly empty leaves bandwidth idle; on the H100 at
-    page 64 (bf16, Llama-3-8B heads):
+    slots in use; but at least `min_splits` while the slots alone fill at most one wave (the
+    chip's `min_splits_for`). A second wave that is mostly empty leaves bandwidth idle; on the
+    H100 at page 64 (bf16, Llama-3-8B heads):
     - 32 x 2k, 256 programs in a wave of 264: 1 split 0.102 ms, 2 splits 0.121, 4 splits 0.107;
     - 8 x 8k, 64 programs: 1 split 0.180 ms, 2 splits 0.109, 4 splits 0.103, 8 splits 0.105."""
     programs = xp.maximum(num_used, 1) * num_kv_heads
-    return xp.clip(max(wave, 2 * NUM_SMS) // programs, 1, num_splits).astype(xp.int32)
+    splits = max(wave, 2 * NUM_SMS) // programs
+    splits = xp.where(programs <= wave, xp.maximum(splits, min_splits), splits)
+    return xp.clip(splits, 1, num_splits).astype(xp.int32)
+
+
+# The fewest splits of a decode-only step whose sequences alone fill at most one wave, by chip
+# (a device_kind prefix; 1 for others). The H200 has the H100's 132 SMs and 1.4x its bandwidth:
+# there 32 sequences x 2k keys (256 programs, a wave of 264) took 0.082 ms with one split and
+# 0.077 with two, x 8k 0.281 and 0.260 (two sessions agree; 4-8%), where on the H100 a second
+# split cost 19% (above). At 64 sequences one split still wins on the H200.
+MIN_SPLITS_BY_CHIP = {"NVIDIA H200": 2}
+
+
+def min_splits_for(device_kind: str) -> int:
+    return next((n for prefix, n in MIN_SPLITS_BY_CHIP.items() if device_kind.startswith(prefix)), 1)
 
 
 def _attend(q_parts, kv_ref, page_at, h, begin, num_iters, num_keys, q_pos, *, sm_scale,
@@ -245,8 +264,8 @@ def merge_splits(out, lse):
 
 def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, sin_ref, kv_in_ref,
                         *refs, num_tokens, group, num_q_heads, num_kv_heads, page_size, num_pages,
-                        pages_per_iter, num_splits, fixed_splits, wave, sliding_window, rope,
-                        **attend):
+                        pages_per_iter, num_splits, fixed_splits, wave, min_splits, sliding_window,
+                        rope, **attend):
     """A flat grid: program p is (token, kv head, split) for the splits this step uses, token
     slowest, so the working programs come first and the grid holds only as many as the busiest
     sequence count needs (`decode_only_programs`). Token t is sequence t's only query; its q,
@@ -267,7 +286,7 @@ def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, 
     elif fixed_splits:
         used_splits = fixed_splits
     else:
-        used_splits = split_count(n, num_kv_heads, num_splits, wave)
+        used_splits = split_count(n, num_kv_heads, num_splits, wave, min_splits=min_splits)
     program = pl.program_id(0)
     t = program // (num_kv_heads * used_splits)
     h = program // used_splits % num_kv_heads
@@ -328,7 +347,7 @@ def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, 
 
 
 def decode_only_programs(num_tokens: int, num_seqs_max: int, num_kv_heads: int, num_splits: int,
-                         fixed_splits: int | None, wave: int) -> int:
+                         fixed_splits: int | None, wave: int, min_splits: int = 1) -> int:
     """The decode-only grid: every token's programs with one split; with several, the most any
     sequence count up to the bucket's uses (n x kv heads x `split_count(n)`). A batch-1 step in
     a 16-token bucket of an 8B model (8 KV heads, room for 8 splits, a wave of 264) launches 264
@@ -336,20 +355,21 @@ def decode_only_programs(num_tokens: int, num_seqs_max: int, num_kv_heads: int, 
     if num_splits == 1:
         return num_tokens * num_kv_heads
     n = np.arange(1, min(num_tokens, num_seqs_max) + 1)
-    return int(np.max(n * num_kv_heads * (fixed_splits or split_count(n, num_kv_heads, num_splits, wave, xp=np))))
+    used = fixed_splits or split_count(n, num_kv_heads, num_splits, wave, xp=np, min_splits=min_splits)
+    return int(np.max(n * num_kv_heads * used))
 
 
 def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *, sm_scale,
                           sliding_window, soft_cap, pages_per_iter, num_splits, num_warps,
-                          num_stages, interpret, rope=None):
+                          num_stages, interpret, rope=None, min_splits=None):
     """The whole op for a batch whose every sequence has one query token, token i being sequence
     i's (cu_q_lens == arange): one launch that writes the new K/V and attends, plus the split
     merge when the grid splits. rope: None, or (cos, sin) [T, D] float32 tables with which the
     kernel rotates q and k first (rotate-half). Returns (out [T, Hq, D] in q.dtype, kv_pages).
 
-    q, k and v go in as one [T * (Hq + 2 Hkv), D] array of rows, one concatenation for the
-    three (XLA merges the q/k/v projections into one matmul, but on the H200 it still copied
-    their slices back together: one small fusion a layer, where rope and v's copy were three)."""
+    q, k and v go in as one [T * (Hq + 2 Hkv), D] array of rows: XLA merges the q/k/v
+    projections into one matmul and fuses this concatenation into it (into its split-K
+    reduction at batch 1), so no copy is made."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
@@ -360,6 +380,7 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
     pages_per_iter = pages_per_iter or max(1, min(keys // page_size, pages_per_seq))
     wave = wave_size(2 * pages_per_iter * page_size * head_dim * kv_pages.dtype.itemsize, num_stages)
     grid_splits = num_splits or num_splits_for(num_tokens, num_kv_heads, pages_per_seq, pages_per_iter, wave)
+    min_splits = min_splits or min_splits_for(jax.devices()[0].device_kind)
     rows = num_tokens * num_q_heads
     qkv = jnp.concatenate([q.reshape(num_tokens, -1), k.reshape(num_tokens, -1),
                            v.reshape(num_tokens, -1)], axis=1)
@@ -381,13 +402,14 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
         _decode_only_kernel, num_tokens=num_tokens, group=group, num_q_heads=num_q_heads,
         num_kv_heads=num_kv_heads, page_size=page_size, num_pages=num_pages,
         pages_per_iter=pages_per_iter, num_splits=grid_splits, fixed_splits=num_splits, wave=wave,
+        min_splits=min_splits,
         sliding_window=sliding_window, rope=rope is not None, sm_scale=sm_scale, soft_cap=soft_cap,
         exact=q.dtype == jnp.float32)
     whole = pl.BlockSpec()
     *res, kv_pages = pl.pallas_call(
         kernel,
         grid=(decode_only_programs(num_tokens, page_indices.shape[0], num_kv_heads, grid_splits,
-                                   num_splits, wave),),
+                                   num_splits, wave, min_splits),),
         in_specs=[whole] * 7,
         out_specs=[whole] * (len(out_shape) + 1),
         out_shape=[*out_shape, jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)],
@@ -400,7 +422,7 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
         return res[0][:rows].reshape(num_tokens, num_q_heads, head_dim), kv_pages
     # Rows no program stored (padding tokens, splits past the ones used) are garbage: masked.
     n = jnp.minimum(num_seqs[0], min(kv_lens.shape[0], num_tokens))  # as the kernel has it
-    used = num_splits or split_count(n, num_kv_heads, grid_splits, wave)
+    used = num_splits or split_count(n, num_kv_heads, grid_splits, wave, min_splits=min_splits)
     stored = (jnp.arange(grid_splits)[None, :] < used) & (jnp.arange(num_tokens)[:, None] < n)  # [T, splits]
     out = res[0][:partial_rows].reshape(num_tokens, grid_splits, num_kv_heads, group, head_dim)
     lse = res[1][:partial_rows].reshape(num_tokens, grid_splits, num_kv_heads, group)

@@ -144,6 +144,27 @@ def test_interpret_splits_follow_the_slots_in_use(monkeypatch, seqs):
                             decode=dict(pages_per_iter=1))
 
 
+def test_min_splits_by_chip(monkeypatch):
+    # On the H200 a decode-only step whose sequences alone fill at most one wave splits in two;
+    # past one wave, and on other chips, the one-wave rule stands.
+    import pallas_kernels.gpu_decode as gpu_decode
+
+    assert gpu_decode.min_splits_for("NVIDIA H200") == 2
+    assert gpu_decode.min_splits_for("NVIDIA H100 80GB HBM3") == gpu_decode.min_splits_for("cpu") == 1
+    split = lambda n, min_splits: int(gpu_decode.split_count(jnp.int32(n), 8, 4, 264, min_splits=min_splits))
+    assert (split(32, 1), split(32, 2), split(17, 2), split(33, 2), split(34, 2), split(64, 2)) == (1, 2, 2, 2, 1, 1)
+    assert split(16, 2) == split(16, 1) == 2 and split(4, 2) == 4
+    assert gpu_decode.decode_only_programs(32, 32, 8, 4, None, 264, min_splits=2) == 32 * 8 * 2
+
+    # Through the op in interpret mode, with a wave of 8 (4 "SMs" x 2): 4 sequences x 2 KV heads
+    # fill it, so one split unless min_splits says two; both match the reference.
+    monkeypatch.setattr(gpu_decode, "NUM_SMS", 4)
+    monkeypatch.setattr(gpu_decode, "MAX_PROGRAMS_PER_SM", 2)
+    assert int(gpu_decode.split_count(jnp.int32(4), 2, 4, 8, min_splits=2)) == 2
+    check_against_reference([(1, 100), (1, 37), (1, 16), (1, 70)], interpret=True, num_q_heads=4, num_kv_heads=2,
+                            page_size=16, pad_tokens=2, decode_only=True, decode=dict(pages_per_iter=1, min_splits=2))
+
+
 DECODE_ONLY_CASES = [
     # (seqs, heads (q, kv), head_dim, page_size, options)
     ([(1, 100), (1, 37), (1, 16), (1, 1)], (4, 2), 64, 16, dict(decode=dict(pages_per_iter=1))),  # splits from the grid
