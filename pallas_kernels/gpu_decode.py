@@ -12,7 +12,8 @@ so it is bound by HBM bandwidth, and what matters is keeping enough loads in fli
   are used is data (`split_count`): enough to fill one wave of resident programs (`wave_size`,
   from the shared memory a program's pipeline takes) for the slots that hold a sequence, so a
   batch-1 step in a 16-slot bucket splits like a 1-slot grid (the spare programs read nothing);
-  on the H200 at least two while the slots alone fill one wave (`MIN_SPLITS_BY_CHIP`).
+  on the H200 at least two while the slots alone fill one wave and the longest sequence holds
+  2k keys or more (`MIN_SPLITS_BY_CHIP`).
 - Each loop iteration visits `pages_per_iter` pages (unrolled; default 32 keys when slots x kv
   heads fill the SMs, else 128), and `num_stages` asks Triton's software pipeliner to prefetch
   the next iteration's pages while this one computes (2 vs 3 stages, 4 vs 8 warps: within noise
@@ -78,7 +79,7 @@ def split_count(num_used, num_kv_heads: int, num_splits: int, wave: int, xp=jnp,
     """Splits the step uses (traced), at most the grid's `num_splits`: as many as fill one wave
     of resident programs (`wave_size`) and at least two programs per SM, never more, for the
     slots in use; but at least `min_splits` while the slots alone fill at most one wave (the
-    chip's `min_splits_for`). A second wave that is mostly empty leaves bandwidth idle; on the
+    chip's `min_splits_for`, where the step's sequences are long enough: `MIN_SPLITS_KEYS`). A second wave that is mostly empty leaves bandwidth idle; on the
     H100 at page 64 (bf16, Llama-3-8B heads):
     - 32 x 2k, 256 programs in a wave of 264: 1 split 0.102 ms, 2 splits 0.121, 4 splits 0.107;
     - 8 x 8k, 64 programs: 1 split 0.180 ms, 2 splits 0.109, 4 splits 0.103, 8 splits 0.105."""
@@ -88,12 +89,17 @@ def split_count(num_used, num_kv_heads: int, num_splits: int, wave: int, xp=jnp,
     return xp.clip(splits, 1, num_splits).astype(xp.int32)
 
 
-# The fewest splits of a decode-only step whose sequences alone fill at most one wave, by chip
-# (a device_kind prefix; 1 for others). The H200 has the H100's 132 SMs and 1.4x its bandwidth:
-# there 32 sequences x 2k keys (256 programs, a wave of 264) took 0.082 ms with one split and
-# 0.077 with two, x 8k 0.281 and 0.260 (two sessions agree; 4-8%), where on the H100 a second
-# split cost 19% (above). At 64 sequences one split still wins on the H200.
+# The fewest splits of a decode-only step whose sequences alone fill at most one wave and whose
+# longest sequence holds MIN_SPLITS_KEYS keys or more, by chip (a device_kind prefix; 1 for
+# others). The H200 has the H100's 132 SMs and 1.4x its bandwidth: there 32 sequences x 2k keys
+# (256 programs, a wave of 264) took 0.081 ms with one split and 0.078 with a grid of two, x 8k
+# 0.280 and 0.255-0.260 (three runs in two sessions agree), where on the H100 a second split
+# cost 19% (above). Through this rule, whose grid keeps room for 4 splits (2 merged as empty),
+# 32 x 8k takes 0.260 ms, but 32 x 2k 0.080-0.083, no better than one split. At 1k keys the op
+# times the same either way, while the engine's batch-32 step took 6.53 ms with one split and
+# 6.64 with two (the merge's launches): hence the threshold. At 64 sequences one split wins.
 MIN_SPLITS_BY_CHIP = {"NVIDIA H200": 2}
+MIN_SPLITS_KEYS = 2048
 
 
 def min_splits_for(device_kind: str) -> int:
@@ -262,10 +268,9 @@ def merge_splits(out, lse):
 
 # ---- decode-only batches: one kernel, KV write fused ------------------------------------------
 
-def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, sin_ref, kv_in_ref,
+def _decode_only_kernel(meta_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, sin_ref, kv_in_ref,
                         *refs, num_tokens, group, num_q_heads, num_kv_heads, page_size, num_pages,
-                        pages_per_iter, num_splits, fixed_splits, wave, min_splits, sliding_window,
-                        rope, **attend):
+                        pages_per_iter, num_splits, sliding_window, rope, **attend):
     """A flat grid: program p is (token, kv head, split) for the splits this step uses, token
     slowest, so the working programs come first and the grid holds only as many as the busiest
     sequence count needs (`decode_only_programs`). Token t is sequence t's only query; its q,
@@ -274,19 +279,14 @@ def _decode_only_kernel(num_seqs_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, 
     scores are two half-width dots. Split 0 stores the token's new K/V into its page and adds
     it to its softmax (on the H100 a `where` over every K/V tile to swap it in cost 3-5% at long
     contexts). Programs past the sequences in use do nothing, except that with one split
-    (outputs stored directly) a padding token's programs store its zero rows."""
+    (outputs stored directly) a padding token's programs store its zero rows. meta_ref holds
+    (sequences in use, splits used)."""
     o_ref, lse_ref, kv_ref = refs if num_splits > 1 else (refs[0], None, refs[1])
     del kv_in_ref  # the same buffer as kv_ref (aliased)
     num_seqs_max, pages_per_seq = pages_ref.shape
     head_dim = qkv_ref.shape[-1]
     rows_per_token = num_q_heads + 2 * num_kv_heads
-    n = jnp.minimum(num_seqs_ref[0], min(num_seqs_max, num_tokens))
-    if num_splits == 1:
-        used_splits = 1
-    elif fixed_splits:
-        used_splits = fixed_splits
-    else:
-        used_splits = split_count(n, num_kv_heads, num_splits, wave, min_splits=min_splits)
+    n, used_splits = meta_ref[0], (meta_ref[1] if num_splits > 1 else 1)
     program = pl.program_id(0)
     t = program // (num_kv_heads * used_splits)
     h = program // used_splits % num_kv_heads
@@ -381,6 +381,15 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
     wave = wave_size(2 * pages_per_iter * page_size * head_dim * kv_pages.dtype.itemsize, num_stages)
     grid_splits = num_splits or num_splits_for(num_tokens, num_kv_heads, pages_per_seq, pages_per_iter, wave)
     min_splits = min_splits or min_splits_for(jax.devices()[0].device_kind)
+    # The sequences in use and the splits they use, computed once for every layer's kernel.
+    n = jnp.minimum(num_seqs[0], min(kv_lens.shape[0], num_tokens))
+    longest = jnp.max(jnp.where(jnp.arange(kv_lens.shape[0]) < n, kv_lens, 0))
+    if grid_splits == 1 or num_splits:
+        used = grid_splits
+    else:
+        used = split_count(n, num_kv_heads, grid_splits, wave,
+                           min_splits=jnp.where(longest >= MIN_SPLITS_KEYS, min_splits, 1))
+    meta = jnp.stack([n, used]).astype(jnp.int32)  # [2]
     rows = num_tokens * num_q_heads
     qkv = jnp.concatenate([q.reshape(num_tokens, -1), k.reshape(num_tokens, -1),
                            v.reshape(num_tokens, -1)], axis=1)
@@ -401,9 +410,7 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
     kernel = functools.partial(
         _decode_only_kernel, num_tokens=num_tokens, group=group, num_q_heads=num_q_heads,
         num_kv_heads=num_kv_heads, page_size=page_size, num_pages=num_pages,
-        pages_per_iter=pages_per_iter, num_splits=grid_splits, fixed_splits=num_splits, wave=wave,
-        min_splits=min_splits,
-        sliding_window=sliding_window, rope=rope is not None, sm_scale=sm_scale, soft_cap=soft_cap,
+        pages_per_iter=pages_per_iter, num_splits=grid_splits, sliding_window=sliding_window, rope=rope is not None, sm_scale=sm_scale, soft_cap=soft_cap,
         exact=q.dtype == jnp.float32)
     whole = pl.BlockSpec()
     *res, kv_pages = pl.pallas_call(
@@ -417,12 +424,10 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_paged_attention_gpu_decode_only",
-    )(num_seqs, kv_lens, page_indices, qkv, cos, sin, kv_pages)
+    )(meta, kv_lens, page_indices, qkv, cos, sin, kv_pages)
     if grid_splits == 1:
         return res[0][:rows].reshape(num_tokens, num_q_heads, head_dim), kv_pages
     # Rows no program stored (padding tokens, splits past the ones used) are garbage: masked.
-    n = jnp.minimum(num_seqs[0], min(kv_lens.shape[0], num_tokens))  # as the kernel has it
-    used = num_splits or split_count(n, num_kv_heads, grid_splits, wave, min_splits=min_splits)
     stored = (jnp.arange(grid_splits)[None, :] < used) & (jnp.arange(num_tokens)[:, None] < n)  # [T, splits]
     out = res[0][:partial_rows].reshape(num_tokens, grid_splits, num_kv_heads, group, head_dim)
     lse = res[1][:partial_rows].reshape(num_tokens, grid_splits, num_kv_heads, group)

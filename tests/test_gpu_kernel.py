@@ -157,9 +157,11 @@ def test_min_splits_by_chip(monkeypatch):
     assert gpu_decode.decode_only_programs(32, 32, 8, 4, None, 264, min_splits=2) == 32 * 8 * 2
 
     # Through the op in interpret mode, with a wave of 8 (4 "SMs" x 2): 4 sequences x 2 KV heads
-    # fill it, so one split unless min_splits says two; both match the reference.
+    # fill it, so one split unless min_splits says two (the longest sequence, 100 keys, past the
+    # threshold); the outputs match the reference.
     monkeypatch.setattr(gpu_decode, "NUM_SMS", 4)
     monkeypatch.setattr(gpu_decode, "MAX_PROGRAMS_PER_SM", 2)
+    monkeypatch.setattr(gpu_decode, "MIN_SPLITS_KEYS", 64)
     assert int(gpu_decode.split_count(jnp.int32(4), 2, 4, 8, min_splits=2)) == 2
     check_against_reference([(1, 100), (1, 37), (1, 16), (1, 70)], interpret=True, num_q_heads=4, num_kv_heads=2,
                             page_size=16, pad_tokens=2, decode_only=True, decode=dict(pages_per_iter=1, min_splits=2))
