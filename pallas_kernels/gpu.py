@@ -45,8 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu_decode import (NUM_SMS, _next_pow2, decode_attention, decode_only_attention,
-                                       decode_rows, num_splits_for, split_count, wave_size)
+from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, decode_rows
+from pallas_kernels.gpu_splits import NUM_SMS, num_splits_for, split_count, wave_size
 from pallas_kernels.reference import _token_layout, _validate
 
 
@@ -223,7 +223,7 @@ def ragged_paged_attention_gpu(
     num_warps / num_stages (None: by the tile's bytes) tune the prefill kernel; `decode` (keys of DECODE_DEFAULTS) the decode
     kernel: pages_per_iter (None: 32 or 128 keys per iteration, by the grid's size) and
     num_splits (None: from the grid); min_splits, for the decode-only op only (None: by the chip,
-    `gpu_decode.min_splits_for`; the mixed op's decode kernel keeps the one-wave rule).
+    `gpu_splits.min_splits_for`; the mixed op's decode kernel keeps the one-wave rule).
     decode_impl="triton" runs decode rows through `triton_decode.py` instead; `decode` then takes
     the keys of `triton_decode.DEFAULTS`.
 

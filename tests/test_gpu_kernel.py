@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import get_kv_cache_shape, ragged_paged_attention_reference
+from pallas_kernels import get_kv_cache_shape, gpu_decode, gpu_splits, ragged_paged_attention_reference
 from pallas_kernels.gpu import ragged_paged_attention_gpu
 from pallas_kernels.reference import ragged_paged_attention_reference_jit
 from test_reference_attention import F32, oracle, scenario
@@ -127,17 +127,16 @@ def test_interpret_splits_follow_the_slots_in_use(monkeypatch, seqs):
     # With 4 "SMs" of 2 resident programs (a wave of 8), a grid of 4 slots x 2 KV heads has room
     # for 4 splits; the step uses 8 // (decode sequences x 2) of them, and the programs past that
     # read nothing.
-    import pallas_kernels.gpu_decode as gpu_decode
-
+    monkeypatch.setattr(gpu_splits, "NUM_SMS", 4)
     monkeypatch.setattr(gpu_decode, "NUM_SMS", 4)
-    wave = gpu_decode.wave_size(tile_bytes=2 * 16 * 64 * 4, num_stages=3)  # 1 page of 16 keys, float32
-    assert wave == 4 * gpu_decode.MAX_PROGRAMS_PER_SM
-    monkeypatch.setattr(gpu_decode, "MAX_PROGRAMS_PER_SM", 2)
-    wave = gpu_decode.wave_size(tile_bytes=2 * 16 * 64 * 4, num_stages=3)
-    assert wave == 8 and gpu_decode.wave_size(tile_bytes=100 << 10, num_stages=3) == 4  # 1 per SM
-    assert gpu_decode.num_splits_for(4, 2, pages_per_seq=8, pages_per_iter=1, wave=wave) == 4
+    wave = gpu_splits.wave_size(tile_bytes=2 * 16 * 64 * 4, num_stages=3)  # 1 page of 16 keys, float32
+    assert wave == 4 * gpu_splits.MAX_PROGRAMS_PER_SM
+    monkeypatch.setattr(gpu_splits, "MAX_PROGRAMS_PER_SM", 2)
+    wave = gpu_splits.wave_size(tile_bytes=2 * 16 * 64 * 4, num_stages=3)
+    assert wave == 8 and gpu_splits.wave_size(tile_bytes=100 << 10, num_stages=3) == 4  # 1 per SM
+    assert gpu_splits.num_splits_for(4, 2, pages_per_seq=8, pages_per_iter=1, wave=wave) == 4
     num_decode = sum(q == 1 for q, _ in seqs)
-    assert int(gpu_decode.split_count(jnp.int32(num_decode), 2, 4, wave)) == max(1, 8 // (2 * num_decode))
+    assert int(gpu_splits.split_count(jnp.int32(num_decode), 2, 4, wave)) == max(1, 8 // (2 * num_decode))
     pad = 4 - len(seqs)
     check_against_reference(seqs, interpret=True, num_q_heads=4, num_kv_heads=2, page_size=16,
                             pad_seqs=pad, pad_tokens=max(pad, 4 - sum(q for q, _ in seqs)),
@@ -147,22 +146,21 @@ def test_interpret_splits_follow_the_slots_in_use(monkeypatch, seqs):
 def test_min_splits_by_chip(monkeypatch):
     # On the H200 a decode-only step whose sequences alone fill at most one wave splits in two;
     # past one wave, and on other chips, the one-wave rule stands.
-    import pallas_kernels.gpu_decode as gpu_decode
-
-    assert gpu_decode.min_splits_for("NVIDIA H200") == 2
-    assert gpu_decode.min_splits_for("NVIDIA H100 80GB HBM3") == gpu_decode.min_splits_for("cpu") == 1
-    split = lambda n, min_splits: int(gpu_decode.split_count(jnp.int32(n), 8, 4, 264, min_splits=min_splits))
+    assert gpu_splits.min_splits_for("NVIDIA H200") == 2
+    assert gpu_splits.min_splits_for("NVIDIA H100 80GB HBM3") == gpu_splits.min_splits_for("cpu") == 1
+    split = lambda n, min_splits: int(gpu_splits.split_count(jnp.int32(n), 8, 4, 264, min_splits=min_splits))
     assert (split(32, 1), split(32, 2), split(17, 2), split(33, 2), split(34, 2), split(64, 2)) == (1, 2, 2, 2, 1, 1)
     assert split(16, 2) == split(16, 1) == 2 and split(4, 2) == 4
-    assert gpu_decode.decode_only_programs(32, 32, 8, 4, None, 264, min_splits=2) == 32 * 8 * 2
+    assert gpu_splits.decode_only_programs(32, 32, 8, 4, None, 264, min_splits=2) == 32 * 8 * 2
 
     # Through the op in interpret mode, with a wave of 8 (4 "SMs" x 2): 4 sequences x 2 KV heads
     # fill it, so one split unless min_splits says two (the longest sequence, 100 keys, past the
     # threshold); the outputs match the reference.
+    monkeypatch.setattr(gpu_splits, "NUM_SMS", 4)
     monkeypatch.setattr(gpu_decode, "NUM_SMS", 4)
-    monkeypatch.setattr(gpu_decode, "MAX_PROGRAMS_PER_SM", 2)
+    monkeypatch.setattr(gpu_splits, "MAX_PROGRAMS_PER_SM", 2)
     monkeypatch.setattr(gpu_decode, "MIN_SPLITS_KEYS", 64)
-    assert int(gpu_decode.split_count(jnp.int32(4), 2, 4, 8, min_splits=2)) == 2
+    assert int(gpu_splits.split_count(jnp.int32(4), 2, 4, 8, min_splits=2)) == 2
     check_against_reference([(1, 100), (1, 37), (1, 16), (1, 70)], interpret=True, num_q_heads=4, num_kv_heads=2,
                             page_size=16, pad_tokens=2, decode_only=True, decode=dict(pages_per_iter=1, min_splits=2))
 
