@@ -2,13 +2,16 @@
 
 Builds the engine's runner for a random-weight model (one bucket per batch size), dispatches
 decode steps back to back as the async engine does (every sequence holds `--context` tokens),
-and records `--steps` of them with the JAX profiler. From the trace's GPU kernel events it reports,
+and records `--steps` of them with the JAX profiler. With `--prefill-chunks` each step also
+prefills new sequences' first chunks of those lengths: an offline run's mixed step. From the trace's GPU kernel events it reports,
 per step: the device span (first kernel start to last kernel end, over the steps), the time a
 kernel was running, the idle time between kernels, and the busy time by kind (matmul, attention,
 other fusions, copies) with the top kernels. Matmul bandwidth = the weights a step reads (all but
 the embedding table) over the matmul time.
 
     python3 benchmarks/decode_profile.py --batches 1 32 --context 1024 --out-dir prof
+    python3 benchmarks/decode_profile.py --batches 256 --context 1088 \
+        --prefill-chunks 1024 1024 1024 1024 1024 1024 1024 768 --steps 3 --out-dir prof
     python3 benchmarks/decode_profile.py --smoke --out-dir /tmp/prof   # CPU: host events only
 """
 
@@ -91,12 +94,14 @@ def summarize(events: list[dict], steps: int, weight_bytes: int) -> dict:
 
 def layer_kernels(events: list[dict], steps: int) -> list[dict]:
     """The kernels of one decoder layer in launch order, with each one's duration and the gap
-    before it: from after the second attention kernel of the middle step to its third (a layer's
-    cycle). Empty if the step has fewer than three attention kernels."""
+    before it: from after the second launch of the step's first attention kernel (the decode
+    kernel, or in a mixed step the KV write) in the middle step to its third (a layer's cycle).
+    Empty if the step has fewer than three of them."""
     ordered = sorted(events, key=lambda e: e["ts"])
     per_step = len(ordered) // steps
     step = ordered[per_step * (steps // 2): per_step * (steps // 2 + 1)]
-    marks = [i for i, e in enumerate(step) if kind_of(e["name"]) == "attention"]
+    first = next((e["name"] for e in step if kind_of(e["name"]) == "attention"), None)
+    marks = [i for i, e in enumerate(step) if e["name"] == first]
     if len(marks) < 3:
         return []
     rows = []
@@ -127,6 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--page-size", type=int, default=None,
                         help="default: the engine's for the platform (EngineConfig.page_size)")
+    parser.add_argument("--prefill-chunks", type=int, nargs="*", default=[],
+                        help="also prefill new sequences' first chunks of these lengths each step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="the runner's sequence slots (default: the batch), e.g. 256 as the "
@@ -154,6 +161,7 @@ def config_for(args):
 
     if args.smoke:
         args.context, args.batches, args.steps = 32, [1, 4], 2
+        args.prefill_chunks = [min(n, 24) for n in args.prefill_chunks]
         return ModelConfig(model_type="llama", vocab_size=256, hidden_size=64,
                            intermediate_size=128, num_layers=2, num_q_heads=4, num_kv_heads=2,
                            head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -177,16 +185,21 @@ def profile(args, config) -> int:
     report = {"command": "python3 benchmarks/decode_profile.py " + " ".join(args.argv or sys.argv[1:]),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "model": args.model if not args.smoke else "smoke", "context": args.context,
+              "prefill_chunks": args.prefill_chunks,
               "weight_bytes_per_step": weight_bytes, "batches": []}
     for batch in args.batches:
-        bucket = max(batch, 8)
-        max_num_seqs = max(batch, args.max_num_seqs or batch)
+        chunks = tuple(args.prefill_chunks)
+        tokens = batch + sum(chunks)
+        bucket = max(batch, 8) if not chunks else 1 << (tokens - 1).bit_length()
+        max_num_seqs = max(batch + len(chunks), args.max_num_seqs or 0)
         # Rows as the runner has them in its one (so smallest) bucket: ModelRunner.seq_slots.
         inputs, pages_per_seq = decode_batch_inputs(batch, args.context, config.vocab_size,
-                                                    args.page_size, bucket, min(bucket, max_num_seqs))
-        runner = ModelRunner(config, params, num_pages=batch * pages_per_seq,
+                                                    args.page_size, bucket, min(bucket, max_num_seqs),
+                                                    prefill_chunks=chunks)
+        runner = ModelRunner(config, params, num_pages=int(inputs.attention.page_indices.max()) + 1,
                              page_size=args.page_size, max_num_seqs=max_num_seqs,
-                             pages_per_seq=pages_per_seq, max_model_len=args.context + 1,
+                             pages_per_seq=pages_per_seq,
+                             max_model_len=max((args.context, *chunks)) + 1,
                              token_buckets=(bucket,), attention_backend="auto", kv_dtype=dtype)
         runner.warmup()
         with tempfile.TemporaryDirectory(dir=out) as trace_dir:

@@ -153,7 +153,7 @@ def main():
     ap.add_argument("--decode-only", action="store_true")
     ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--sweep-prefill", action="store_true",
-                    help="also prefill block/warps/stages variants at page 16 (the engine's default)")
+                    help="also prefill block/warps/stages variants at --page-size")
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--loop", type=int, default=20, help="op applications per timed program (1: one jitted call each)")
     ap.add_argument("--decode-impl", nargs="+", default=["pallas", "decode_only"],
@@ -261,13 +261,14 @@ def main():
             opts = dict(q_block_size=bq, kv_block_size=ppb * page, num_warps=warps, num_stages=stages)
             measure_row("prefill", 1, 2048, 2048, page, "pallas", opts)
     if a.sweep_prefill and not a.smoke:
-        # (q block, keys per KV block, warps, stages); the first is the default at page 16.
-        variants = ((16, 64, 4, 1), (16, 64, 4, 2), (16, 64, 4, 3), (16, 32, 4, 2), (16, 128, 4, 2),
-                    (32, 64, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2))
-        for batch, q_len in ((1, 2048), (8, 512)):
+        # (q block, keys per KV block, warps, stages); the first is the default (stages by tile
+        # bytes: 3 here). M rows of a tile = q block x 4 (Llama-3's 4 q heads per KV head).
+        variants = ((16, 64, 4, None), (16, 64, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3),
+                    (16, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 32, 4, 3))
+        for batch, q_len in ((1, 2048), (8, 1024), (8, 512)):  # 8 x 1024: an offline step's chunks
             for bq, keys, warps, stages in variants:
                 opts = dict(q_block_size=bq, kv_block_size=keys, num_warps=warps, num_stages=stages)
-                measure_row("prefill", batch, q_len, q_len, 16, "pallas", opts)
+                measure_row("prefill", batch, q_len, q_len, page, "pallas", opts)
 
 
 def markdown_table(rows, device, ceilings):

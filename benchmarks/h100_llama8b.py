@@ -461,12 +461,8 @@ def mixed_step_breakdown(args, params, config, dtype, matmul_flop_s: float) -> d
     import numpy as np
 
     from jaxpaged.attention import get_kv_cache_shape, make_attention
-    from jaxpaged.request import Request
+    from jaxpaged.bench.roofline import decode_batch_inputs, default_page_size
     from jaxpaged.runner import _forward_step
-    from jaxpaged.sampling_params import SamplingParams
-    from jaxpaged.step_inputs import build_step_inputs
-
-    from jaxpaged.bench.roofline import default_page_size
 
     page_size, budget = default_page_size(), args.max_num_batched_tokens
     decode_seqs = min(args.max_num_seqs, budget // 2)
@@ -476,23 +472,10 @@ def mixed_step_breakdown(args, params, config, dtype, matmul_flop_s: float) -> d
     while left > 0:
         chunks.append(min(args.input_len, left))
         left -= chunks[-1]
-    pages_per_seq = -(-(context + 1) // page_size)
-    rng = np.random.default_rng(5)
-    requests, counts, next_page = [], [], 0
-    for i in range(decode_seqs + len(chunks)):
-        decoding = i < decode_seqs
-        length = context if decoding else chunks[i - decode_seqs]
-        request = Request(f"s{i}", rng.integers(0, config.vocab_size, length).tolist(),
-                          SamplingParams(temperature=0), seed=i)
-        used = -(-(length + 1) // page_size)
-        request.page_ids = list(range(next_page, next_page + used))
-        next_page += used
-        request.num_computed_tokens = length - 1 if decoding else 0
-        requests.append(request)
-        counts.append(1 if decoding else length)
-    num_seqs = len(requests)
-    inputs = build_step_inputs(requests, counts, token_bucket=budget, max_num_seqs=num_seqs,
-                               pages_per_seq=pages_per_seq, history_width=1)
+    inputs, _ = decode_batch_inputs(decode_seqs, context, config.vocab_size, page_size, budget,
+                                    prefill_chunks=tuple(chunks))
+    num_seqs = decode_seqs + len(chunks)
+    next_page = int(np.max(inputs.attention.page_indices)) + 1
     kv_shape = get_kv_cache_shape(next_page, page_size, config.num_kv_heads, config.head_dim)
     kv_pages = [jax.random.normal(key, kv_shape, dtype)
                 for key in jax.random.split(jax.random.key(2), config.num_layers)]

@@ -327,6 +327,39 @@ def test_decode_profile_layer_kernels_are_one_layer_cycle():
     assert decode_profile.layer_kernels(events[:4], steps=2) == []  # too few attention kernels
 
 
+def test_decode_profile_layer_cycle_of_a_mixed_step():
+    """A mixed step launches three attention kernels a layer (KV write, prefill, decode): a
+    layer's cycle runs from one KV write to the next, not between attention kernels."""
+    import decode_profile
+
+    layer = (("gemm_fusion_dot", 10), ("ragged_paged_attention_gpu_kv_write", 2),
+             ("ragged_paged_attention_gpu_prefill", 7), ("ragged_paged_attention_gpu_decode", 5))
+    events, t = [], 0
+    for _ in range(3):
+        for name, dur in layer:
+            events.append({"name": name, "ts": t, "dur": dur})
+            t += dur + 1
+    rows = decode_profile.layer_kernels(events, steps=1)
+    assert [r["name"] for r in rows] == [name for name, _ in layer[2:] + layer[:2]]
+
+
+def test_mixed_batch_inputs_lay_out_decodes_then_prefill_chunks():
+    """Two decoding sequences at context 5 and two prefill chunks (3 and 4 tokens), page 4."""
+    import numpy as np
+
+    from jaxpaged.bench.roofline import decode_batch_inputs
+
+    inputs, pages_per_seq = decode_batch_inputs(2, 5, 100, 4, 16, prefill_chunks=(3, 4))
+    meta = inputs.attention
+    assert pages_per_seq == 2  # room for a 6th token
+    assert int(meta.num_seqs[0]) == 4
+    assert np.asarray(meta.cu_q_lens[:5]).tolist() == [0, 1, 2, 5, 9]
+    assert np.asarray(meta.kv_lens[:4]).tolist() == [5, 5, 3, 4]  # the decoded token counts
+    # pages one sequence after another: 2 + 2 for the decodes, 1 and 2 for the chunks
+    assert np.asarray(meta.page_indices[:4, :2]).tolist()[:2] == [[0, 1], [2, 3]]
+    assert int(meta.page_indices[2, 0]) == 4 and np.asarray(meta.page_indices[3, :2]).tolist() == [5, 6]
+
+
 def test_decode_profile_smoke(tmp_path, capsys):
     """The script runs end to end on CPU (no GPU kernels there, which it says)."""
     import decode_profile

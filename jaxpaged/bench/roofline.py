@@ -117,25 +117,30 @@ def decode_weight_bytes(params, config) -> int:
 
 
 def decode_batch_inputs(batch: int, context: int, vocab_size: int, page_size: int, bucket: int,
-                        max_num_seqs: int | None = None):
+                        max_num_seqs: int | None = None, prefill_chunks: tuple[int, ...] = ()):
     """One decode step's inputs for `batch` sequences that each hold `context` cached tokens (in
     pages laid out one sequence after another) and decode one more: what the decode-step
-    benchmarks time. `max_num_seqs` (default `batch`): the runner's sequence slots, as an engine
-    configured for more sequences than are running has. Returns (StepInputs, pages_per_seq)."""
+    benchmarks time. `prefill_chunks`: also that many new sequences, each prefilling its first
+    chunk of the given length (the mixed steps of an offline run). `max_num_seqs` (default: the
+    sequences in the step): the runner's sequence slots, as an engine configured for more
+    sequences than are running has. Returns (StepInputs, pages_per_seq)."""
     from jaxpaged.request import Request
     from jaxpaged.sampling_params import SamplingParams
     from jaxpaged.step_inputs import build_step_inputs
 
-    pages_per_seq = -(-(context + 1) // page_size)
+    lengths = [context] * batch + list(prefill_chunks)
+    pages_per_seq = -(-(max(lengths) + 1) // page_size)
     rng = np.random.default_rng(0)
-    requests = []
-    for i in range(batch):
-        request = Request(str(i), rng.integers(0, vocab_size, context).tolist(),
+    requests, next_page = [], 0
+    for i, length in enumerate(lengths):
+        request = Request(str(i), rng.integers(0, vocab_size, length).tolist(),
                           SamplingParams(temperature=0), seed=i)
-        request.page_ids = list(range(i * pages_per_seq, (i + 1) * pages_per_seq))
-        request.num_computed_tokens = context - 1
+        used = -(-(length + 1) // page_size)
+        request.page_ids = list(range(next_page, next_page + used))
+        next_page += used
+        request.num_computed_tokens = length - 1 if i < batch else 0
         requests.append(request)
-    inputs = build_step_inputs(requests, [1] * batch, token_bucket=bucket,
-                               max_num_seqs=max_num_seqs or batch,
+    inputs = build_step_inputs(requests, [1] * batch + list(prefill_chunks), token_bucket=bucket,
+                               max_num_seqs=max_num_seqs or len(requests),
                                pages_per_seq=pages_per_seq, history_width=1)
     return inputs, pages_per_seq
