@@ -14,10 +14,14 @@ Three kernels per call:
   folded into the M dimension (M = q_block_size * group_pad, token-major), with the group padded
   to a power of two (SmolLM2's group of 3 becomes 4: the extra row is computed and dropped). Each
   program loops over KV blocks of `kv_block_size` keys (default 64) up to its causal limit,
-  starting at the sliding window; a block's keys are gathered row by row from their pages into
-  one [keys, D] tile, so each step is one pair of dots whatever the page size (on the H100 this
-  made prefill 1.2-1.4x faster than a step per 16-key page). Padding blocks have 0 rows and no KV
-  work.
+  starting at the sliding window. A block's keys are one [keys, D] tile, so each step is one pair
+  of dots whatever the page size: a slice of one page where pages hold whole blocks (page 64,
+  the GPU default), else gathered row by row from their pages (on the H100 the gathered tile
+  made prefill 1.2-1.4x faster than a step per 16-key page). Blocks before the query block's
+  first position skip the causal mask. On the H200 at page 64, the page slice and the unmasked
+  blocks together made the op 1.08x (8 x 512) to 1.21x (1 x 2048) faster; it is still ~2x slower
+  than cuDNN's dense fused attention (benchmarks/results/h200_session12.md). Padding blocks have
+  0 rows and no KV work.
 Both attention kernels read q from one padded layout [Hkv, rows, D] (row = token * group_pad + g)
 so no per-block copy of q is made; outputs are stored with row masks, so a block's spare rows
 never clobber another sequence's tokens. Scores beyond the causal limit are masked with
@@ -139,8 +143,8 @@ def _prefill_metadata(cu, q_lens, kv_lens, num_seqs, num_tokens, bq, num_blocks)
 def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, sliding_window, soft_cap,
                     group_pad, bq, page_size, pages_per_seq, kv_block, exact):
     """kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of `kv_block`
-    keys is gathered row by row from its pages into one tile, so the dots are [M, kv_block] wide
-    whatever the page size."""
+    keys is one slice of a page where pages hold whole blocks, else gathered row by row from its
+    pages into one tile, so the dots are [M, kv_block] wide whatever the page size."""
     b, h = pl.program_id(0), pl.program_id(1)
     seq, start, rows, pos0, kv_len = (meta_ref[b, i] for i in range(5))
     m_rows = bq * group_pad
@@ -155,21 +159,29 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
         jnp.maximum(pos0 - sliding_window + 1, 0) // kv_block, num_blocks)
     offsets = lax.broadcasted_iota(jnp.int32, (kv_block,), 0)  # [C]
 
-    def block_step(c, stats):
+    def block_step(c, stats, masked=True):
         m, l, acc = stats
         key_pos = c * kv_block + offsets  # [C]
-        col = jnp.minimum(key_pos // page_size, pages_per_seq - 1)
-        cache_row = pages_ref[seq * pages_per_seq + col] * page_size + key_pos % page_size  # [C]
-        k = kv_ref[cache_row, 2 * h, :]  # [C, D]
-        v = kv_ref[cache_row, 2 * h + 1, :]  # [C, D]
+        if page_size % kv_block == 0:  # the block lies in one page: one strided [C, D] slice
+            per_page = page_size // kv_block  # blocks a page holds
+            col = jnp.minimum(lax.div(c, per_page), pages_per_seq - 1)
+            first_row = pages_ref[seq * pages_per_seq + col] * page_size + lax.rem(c, per_page) * kv_block
+            k = kv_ref[pl.ds(first_row, kv_block), 2 * h, :]  # [C, D]
+            v = kv_ref[pl.ds(first_row, kv_block), 2 * h + 1, :]  # [C, D]
+        else:  # across pages: gathered row by row
+            col = jnp.minimum(key_pos // page_size, pages_per_seq - 1)
+            cache_row = pages_ref[seq * pages_per_seq + col] * page_size + key_pos % page_size  # [C]
+            k = kv_ref[cache_row, 2 * h, :]  # [C, D]
+            v = kv_ref[cache_row, 2 * h + 1, :]  # [C, D]
         s = _mm(q, k, trans_b=True, exact=exact) * sm_scale  # [M, C]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        ok = (key_pos[None, :] <= q_pos) & row_ok  # [M, C]
-        if sliding_window is not None:
-            ok &= q_pos - key_pos[None, :] < sliding_window
-        s = jnp.where(ok, s, -jnp.inf)
-        v = jnp.where((key_pos < kv_len)[:, None], v, jnp.zeros_like(v))  # recycled pages may hold NaN
+        if masked:
+            ok = (key_pos[None, :] <= q_pos) & row_ok  # [M, C]
+            if sliding_window is not None:
+                ok &= q_pos - key_pos[None, :] < sliding_window
+            s = jnp.where(ok, s, -jnp.inf)
+            v = jnp.where((key_pos < kv_len)[:, None], v, jnp.zeros_like(v))  # recycled pages may hold NaN
         m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [M]
         m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
         p = jnp.exp(s - m_safe[:, None])  # [M, C]
@@ -179,7 +191,12 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
 
     stats = (jnp.full((m_rows,), -jnp.inf, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
              jnp.zeros((m_rows, head_dim), jnp.float32))
-    _, l, acc = lax.fori_loop(first_block, num_blocks, block_step, stats)
+    # Blocks wholly before the first row's position need no mask: every key is visible to every
+    # row and lies below kv_len (rows past the block's end compute garbage that is never stored).
+    # With a sliding window every block keeps its mask.
+    num_open = first_block if sliding_window is not None else jnp.clip((pos0 + 1) // kv_block, 0, num_blocks)
+    stats = lax.fori_loop(first_block, num_open, functools.partial(block_step, masked=False), stats)
+    _, l, acc = lax.fori_loop(num_open, num_blocks, block_step, stats)
     out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
     # Rows past the block's end belong to other tokens: masked, never stored.
     plgpu.store(o_ref.at[h, pl.ds(start * group_pad, m_rows), :], out,

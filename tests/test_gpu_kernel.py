@@ -165,6 +165,18 @@ def test_min_splits_by_chip(monkeypatch):
                             page_size=16, pad_tokens=2, decode_only=True, decode=dict(pages_per_iter=1, min_splits=2))
 
 
+@pytest.mark.parametrize("page_size,kv_block_size,kw", [(16, 16, {}), (32, 16, dict(soft_cap=5.0)),
+                                                      (8, 16, {}), (16, 16, dict(sliding_window=24))])
+def test_interpret_prefill_blocks_before_the_first_query(page_size, kv_block_size, kw):
+    # Query blocks whose first position lies past whole KV blocks (a fresh 70-token prompt, a
+    # 20-token chunk after a 50-token cached prefix) attend those blocks without the causal mask:
+    # read as one slice of a page (page >= block) or gathered across pages (page 8); with a
+    # sliding window every block stays masked. NaN in unused pages and padding rows.
+    check_against_reference([(70, 70), (20, 70), (1, 40), (33, 33)], interpret=True, num_q_heads=8,
+                            num_kv_heads=2, page_size=page_size, kv_block_size=kv_block_size,
+                            q_block_size=4, pad_tokens=3, pad_seqs=1, **kw)
+
+
 DECODE_ONLY_CASES = [
     # (seqs, heads (q, kv), head_dim, page_size, options)
     ([(1, 100), (1, 37), (1, 16), (1, 1)], (4, 2), 64, 16, dict(decode=dict(pages_per_iter=1))),  # splits from the grid
