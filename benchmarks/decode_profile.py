@@ -25,6 +25,8 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 KINDS = (  # first match wins; names are the GPU kernels' (cuBLAS, Triton/Pallas, XLA fusions)
     ("attention", re.compile(r"ragged_paged_attention|paged_attention", re.I)),
     ("matmul", re.compile(r"gemm|gemv|cublas|cutlass|nvjet|xmma|sm90_|sm80_|dot", re.I)),
