@@ -238,6 +238,26 @@ def test_compiled_matches_reference(dtype, atol, seqs, page_size, heads, head_di
           head_dim=head_dim, page_size=page_size, q_block_size=16, kv_block_size=64, pad_tokens=5, pad_seqs=1)
 
 
+@pytest.mark.parametrize("page_size,heads,head_dim,kw", [
+    (16, (32, 8), 128, {}), (64, (9, 3), 64, dict(sliding_window=100)), (64, (32, 8), 128, dict(soft_cap=30.0)),
+    (128, (16, 4), 128, {}), (32, (8, 2), 256, dict(decode_only=True)),
+    (64, (32, 8), 128, dict(decode_only=True, rope=True))])
+def test_compiled_kernels_lower_for_cuda_on_any_host(page_size, heads, head_dim, kw):
+    # Pallas' Triton lowering runs when the program is lowered, on any host: the compiled
+    # geometries lower for CUDA here, so a lowering error (session 12's first page-slice prefill
+    # did not lower at page 64) fails on the CPU, before a GPU run.
+    decode_only, rope = kw.pop("decode_only", False), kw.pop("rope", False)
+    seqs = [(1, 100), (1, 513), (1, 64)] if decode_only else [(200, 200), (37, 300), (1, 64), (17, 129)]
+    args = make_batch(seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                      page_size=page_size, dtype=jnp.bfloat16, pad_tokens=3, pad_seqs=1)
+    tables = tuple(jnp.ones((args[0].shape[0], head_dim), jnp.float32) for _ in "cs") if rope else None
+    op = jax.jit(lambda *a: ragged_paged_attention_gpu(*a, sm_scale=head_dim**-0.5, decode_only=decode_only,
+                                                       rope=tables, **kw))
+    text = op.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    kernels = ["decode_only"] if decode_only else ["kv_write", "prefill", "decode"]
+    assert all(f"ragged_paged_attention_gpu_{name}" in text for name in kernels)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [dict(sliding_window=100), dict(soft_cap=30.0), dict(head_dim=256, page_size=32),
                                 dict(decode=dict(num_splits=5, pages_per_iter=2), seqs=GPU_SEQS[0])])
