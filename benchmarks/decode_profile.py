@@ -3,11 +3,11 @@
 Builds the engine's runner for a random-weight model (one bucket per batch size), dispatches
 decode steps back to back as the async engine does (every sequence holds `--context` tokens),
 and records `--steps` of them with the JAX profiler. With `--prefill-chunks` each step also
-prefills new sequences' first chunks of those lengths: an offline run's mixed step. From the trace's GPU kernel events it reports,
-per step: the device span (first kernel start to last kernel end, over the steps), the time a
-kernel was running, the idle time between kernels, and the busy time by kind (matmul, attention,
-other fusions, copies) with the top kernels. Matmul bandwidth = the weights a step reads (all but
-the embedding table) over the matmul time.
+prefills new sequences' first chunks of those lengths: an offline run's mixed step. From the
+trace's GPU kernel events it reports, per step: the device span (first kernel start to last
+kernel end, over the steps), the time a kernel was running, the idle time between kernels, and
+the busy time by kind (matmul, attention, other fusions, copies) with the top kernels. Matmul
+bandwidth = the weights a step reads (all but the embedding table) over the matmul time.
 
     python3 benchmarks/decode_profile.py --batches 1 32 --context 1024 --out-dir prof
     python3 benchmarks/decode_profile.py --batches 256 --context 1088 \
