@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-chunks", type=int, nargs="*", default=[],
                         help="also prefill new sequences' first chunks of these lengths each step")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--quantization", default=None, help="fp8: FP8 linear weights")
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="the runner's sequence slots (default: the batch), e.g. 256 as the "
                              "engine benchmark configures")
@@ -180,14 +181,14 @@ def profile(args, config) -> int:
 
     dtype = jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
     args.page_size = args.page_size or default_page_size()
-    params = random_params(config, dtype)
+    params = random_params(config, dtype, quantization=args.quantization)
     weight_bytes = decode_weight_bytes(params, config)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"command": "python3 benchmarks/decode_profile.py " + " ".join(args.argv or sys.argv[1:]),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "model": args.model if not args.smoke else "smoke", "context": args.context,
-              "prefill_chunks": args.prefill_chunks,
+              "prefill_chunks": args.prefill_chunks, "quantization": args.quantization,
               "weight_bytes_per_step": weight_bytes, "batches": []}
     for batch in args.batches:
         chunks = tuple(args.prefill_chunks)
@@ -202,7 +203,8 @@ def profile(args, config) -> int:
                              page_size=args.page_size, max_num_seqs=max_num_seqs,
                              pages_per_seq=pages_per_seq,
                              max_model_len=max((args.context, *chunks)) + 1,
-                             token_buckets=(bucket,), attention_backend="auto", kv_dtype=dtype)
+                             token_buckets=(bucket,), attention_backend="auto", kv_dtype=dtype,
+                             quantization=args.quantization)
         runner.warmup()
         with tempfile.TemporaryDirectory(dir=out) as trace_dir:
             events, rows = profile_batch(runner, inputs, args.steps, Path(trace_dir))

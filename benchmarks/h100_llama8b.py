@@ -58,6 +58,8 @@ def parse_args(argv=None):
                         default=[16, 64, 256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--quantization", default=None,
+                        help="fp8: FP8 linear weights (the engine's --quantization; the baseline stays bf16)")
     parser.add_argument("--page-size", type=int, default=None,
                         help="the engine's page size (default: the engine's for the platform)")
     parser.add_argument("--offline-seconds", type=float, default=240,
@@ -222,7 +224,8 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
                          max_num_seqs=batch, pages_per_seq=pages_per_seq,
                          max_model_len=args.context + 1, token_buckets=(bucket,),
-                         attention_backend=args.attention_backend, kv_dtype=dtype)
+                         attention_backend=args.attention_backend, kv_dtype=dtype,
+                         quantization=args.quantization)
     # Random (not zero) KV, replaced one layer at a time: building a whole second cache while the
     # zeros are alive needs twice the KV memory (that OOMed at batch 256 on the H100).
     for i, key in enumerate(jax.random.split(jax.random.key(1), len(runner.kv_pages))):
@@ -285,7 +288,8 @@ def engine_kwargs(args) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 token_buckets=tuple(args.token_buckets),
                 gpu_memory_utilization=args.gpu_memory_utilization,
-                attention_backend=args.attention_backend, page_size=args.page_size)
+                attention_backend=args.attention_backend, page_size=args.page_size,
+                quantization=args.quantization)
 
 
 def run_jax(args) -> dict:
@@ -303,7 +307,7 @@ def run_jax(args) -> dict:
 
     out = Path(args.out_dir)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "attention_backend": resolve_backend(args.attention_backend, jax.devices()[0].platform)}
+              "quantization": args.quantization, "attention_backend": resolve_backend(args.attention_backend, jax.devices()[0].platform)}
 
     def save():
         (out / "jax.json").write_text(json.dumps(report, indent=2))
@@ -315,7 +319,7 @@ def run_jax(args) -> dict:
     save()
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
     config = resolve_model(args.model, "dummy").model_config()
-    params = random_params(config, dtype)
+    params = random_params(config, dtype, quantization=args.quantization)
     report["decode"] = decode_steps(args, params, config, dtype, bw)
     save()
     if args.step_breakdown:
@@ -618,7 +622,8 @@ def summarize(out: Path, args, argv: list[str], seconds: float) -> dict:
 
 def render_markdown(s: dict) -> str:
     j, hf = s.get("jax") or {}, s.get("hf")
-    lines = [f"# Llama-3.1-8B-shaped, bf16, random weights: {j.get('device', '?')}", "",
+    weights = "bf16" if not j.get("quantization") else f"{j['quantization']} linear weights (bf16 otherwise)"
+    lines = [f"# Llama-3.1-8B-shaped, {weights}, random weights: {j.get('device', '?')}", "",
              "Command:", "", f"    {s['command']}", "",
              f"jax {j.get('jax', '?')}, attention backend `{j.get('attention_backend', '?')}`; "
              f"whole run {s['wall_seconds']:.0f} s.", ""]

@@ -23,6 +23,8 @@ _FLAG_HELP = {
     "page_size": "tokens per KV-cache page, a power of two (default: 64 on NVIDIA GPUs, 16 elsewhere)",
     "load_format": "auto (read the checkpoint) or dummy (random weights of the model's shapes; "
                    "also for shipped configs: llama-3.1-8b, llama-3.2-1b, qwen2.5-7b)",
+    "quantization": "fp8: quantize the linear weights to FP8 (e4m3, per output channel) as they "
+                    "load, activations per token (default: none)",
 }
 
 

@@ -11,7 +11,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the model's shapes, made on device
+LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATIONS = ("fp8",)  # what jaxpaged.models.quant implements  # dummy: random weights of the model's shapes, made on device
 
 # transformers' class defaults for the config.json fields `from_hf_config` reads, per family: a
 # config.json may leave any of them out, and transformers fills them from its config class. The
@@ -151,6 +152,9 @@ class EngineConfig:
     async_scheduling: bool | None = None
     token_buckets: tuple[int, ...] | None = None  # None: powers of two up to the token budget
     load_format: str = "auto"
+    # "fp8": linear weights quantized to e4m3 per output channel as they load, activations per
+    # token in the step (jaxpaged.models.quant); None: the model dtype throughout.
+    quantization: str | None = None
 
     def __post_init__(self):
         def positive(name):
@@ -166,6 +170,9 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
                              f"got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or unset), "
+                             f"got {self.quantization!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "

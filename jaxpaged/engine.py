@@ -23,7 +23,8 @@ import numpy as np
 from jaxpaged.config import EngineConfig, pick_bucket
 from jaxpaged.detokenizer import IncrementalDetokenizer
 from jaxpaged.model_source import resolve_model
-from jaxpaged.models.params import load_params, random_params
+from jaxpaged.models.params import load_params, param_shardings, random_params
+from jaxpaged.models.quant import quantize_params
 from jaxpaged.pages import PageManager
 from jaxpaged.request import CompletionOutput, Request, RequestOutput
 from jaxpaged.runner import ModelRunner, device_kv_budget, kv_bytes_per_page
@@ -67,7 +68,7 @@ class Engine:
         for note in self.plan.notes:
             logger.info("tensor parallelism: %s", note)
         configured = time.perf_counter()
-        self.params = self._load_params()
+        self.params = self._quantized(self._load_params())
         jax.block_until_ready(self.params)
         loaded = time.perf_counter()
 
@@ -90,7 +91,8 @@ class Engine:
             self.model_config, self.params, num_pages=num_pages, page_size=self.page_size,
             max_num_seqs=config.max_num_seqs, pages_per_seq=self.pages_per_seq,
             max_model_len=self.max_model_len, token_buckets=self.token_buckets,
-            attention_backend=config.attention_backend, kv_dtype=self.dtype, plan=self.plan)
+            attention_backend=config.attention_backend, kv_dtype=self.dtype, plan=self.plan,
+            quantization=config.quantization)
         self.eos_token_ids = self._eos_token_ids()
         self.groups: dict[str, RequestGroup] = {}
         self.async_scheduling = config.async_scheduling
@@ -313,6 +315,12 @@ class Engine:
 
             return restore_params(self.source.path, self.model_config, self.dtype, self.plan)
         return load_params(self.model_config, self.source.weights(), self.dtype, self.plan)
+
+    def _quantized(self, params: dict) -> dict:
+        method = self.config.quantization
+        if method is None:
+            return params
+        return quantize_params(params, param_shardings(self.plan, method), method)
 
     def _num_pages(self) -> int:
         config = self.config

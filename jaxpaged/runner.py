@@ -61,7 +61,7 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, params: dict, *, num_pages: int, page_size: int,
                  max_num_seqs: int, pages_per_seq: int, max_model_len: int,
                  token_buckets: tuple[int, ...], attention_backend: str, kv_dtype,
-                 plan: ShardingPlan | None = None):
+                 plan: ShardingPlan | None = None, quantization: str | None = None):
         # Under tensor parallelism the forward pass and the caches use the plan's padded config.
         self.plan = plan or ShardingPlan.build(config)
         config = self.config = self.plan.config
@@ -94,7 +94,7 @@ class ModelRunner:
         # included) replicated, so sampling runs on replicated logits. (jit refuses in_shardings
         # beside keyword static args, so the sampler and scorer take theirs from the warmup's
         # example arguments instead.)
-        params_sharding = param_shardings(self.plan)
+        params_sharding = param_shardings(self.plan, quantization)
         kv_shardings = [kv_sharding] * config.num_layers
         self._forward, self._forward_decode = (jax.jit(
             functools.partial(_forward_step, config=config,

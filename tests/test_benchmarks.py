@@ -253,6 +253,34 @@ def test_h100_llama8b_smoke(tmp_path, capsys):
         assert section in markdown
 
 
+def test_h100_llama8b_fp8_smoke(tmp_path):
+    """The same script with FP8 linear weights: the decode steps and the engine run on quantized
+    params and the report says what ran."""
+    import h100_llama8b
+
+    argv = ["--smoke", "--skip-hf", "--skip-offline", "--engine-decode-steps", "0", "--batches", "1",
+            "--quantization", "fp8", "--out-dir", str(tmp_path)]
+    assert h100_llama8b.main(argv) == 0
+    report = json.loads((tmp_path / "jax.json").read_text())
+    assert report["quantization"] == "fp8" and report["engine"]["quantization"] == "fp8"
+    row = report["decode"][0]
+    assert row["step_ms"] > 0 and row["floor_ms"] > 0
+    assert (tmp_path / "h100_llama8b.md").read_text().startswith(
+        "# Llama-3.1-8B-shaped, fp8 linear weights")
+
+
+def test_fp8_matmul_smoke(tmp_path):
+    import fp8_matmul
+
+    out = tmp_path / "fp8.json"
+    assert fp8_matmul.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["name"] for row in rows} == set(fp8_matmul.SHAPES)
+    for row in rows:
+        assert all(row[kind]["us"] > 0 and row[kind]["kernels"]
+                   for kind in ("bf16", "fp8", "fp8_weight_only"))
+
+
 def test_tp_decode_step_smoke(tmp_path):
     """Issue 5's TP=1 vs TP=2 decode benchmark at tiny shapes on 2 fake CPU devices (a fresh
     interpreter: the device count is fixed when JAX starts)."""

@@ -56,12 +56,18 @@ def run_tp(model: str, tp_sizes, out: Path, *, dtype: str = "float32", devices: 
 
 
 def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
+    quantization = os.environ.get("TP_TEST_QUANTIZATION") or None  # "fp8": quantized as it loads
+    if os.environ.get("TP_TEST_FP8_MIN_ROWS"):  # which path of quant.linear the bucket takes
+        from jaxpaged.models import quant
+
+        quant.FP8_ACTIVATION_MIN_ROWS = int(os.environ["TP_TEST_FP8_MIN_ROWS"])
     import jax
     import jax.numpy as jnp
 
     from jaxpaged.config import ModelConfig
     from jaxpaged.model_source import resolve_model
-    from jaxpaged.models.params import _is_spec, load_params, param_specs
+    from jaxpaged.models.params import _is_spec, load_params, param_shardings, param_specs
+    from jaxpaged.models.quant import quantize_params
     from jaxpaged.runner import ModelRunner
     from jaxpaged.sampling_params import MAX_LOGPROBS
     from jaxpaged.sharding import ShardingPlan
@@ -80,10 +86,17 @@ def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
             params = restore_params(source.path, config, jnp.dtype(dtype), plan)
         else:
             params = load_params(config, weights, jnp.dtype(dtype), plan)
+        if quantization:  # every leaf on its declared sharding (the rules are checked unquantized)
+            declared_tree = param_shardings(plan, quantization)
+            params = quantize_params(params, declared_tree, quantization)
+            for (path, leaf), declared in zip(jax.tree.leaves_with_path(params),
+                                              jax.tree.leaves(declared_tree)):
+                if leaf.sharding != declared:
+                    errors.append(f"TP={tp} {jax.tree_util.keystr(path)}: {leaf.sharding} != {declared}")
         # Every leaf's actual sharding is the declared one, and the declaration follows the rules.
         specs = jax.tree.leaves(param_specs(plan.config), is_leaf=_is_spec)
         named = jax.tree.leaves_with_path(params)
-        for (path, leaf), spec in zip(named, specs):
+        for (path, leaf), spec in zip(named, specs) if not quantization else ():
             name = jax.tree_util.keystr(path[-1:]).strip("[]'")
             declared = plan.sharding(spec.logical_axes)
             if leaf.sharding != declared:
@@ -101,7 +114,8 @@ def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
         runner = ModelRunner(config, params, num_pages=num_seqs * pages_per_seq, page_size=page_size,
                              max_num_seqs=num_seqs, pages_per_seq=pages_per_seq,
                              max_model_len=page_size * pages_per_seq, token_buckets=(bucket,),
-                             attention_backend="reference", kv_dtype=jnp.dtype(dtype), plan=plan)
+                             attention_backend="reference", kv_dtype=jnp.dtype(dtype), plan=plan,
+                             quantization=quantization)
         if runner.kv_pages[0].sharding != plan.kv_pages_sharding:
             errors.append(f"TP={tp} kv_pages sharding {runner.kv_pages[0].sharding}")
         sequences = [list(p) for p in PROMPTS]
@@ -173,6 +187,20 @@ def test_tiny_family_tp_matches_tp1(family, tmp_path):
     tp_sizes = TINY_FAMILIES[family]
     results = run_tp(str(tmp_path / "ckpt"), tp_sizes, tmp_path / "out.npz")
     check_against_tp1(results, tp_sizes)
+
+
+@pytest.mark.parametrize("family, min_rows", [("llama", 1), ("qwen2", 1 << 30)],
+                         ids=["llama-w8a8", "qwen2-weight-only"])
+def test_fp8_tiny_family_tp_matches_tp1(family, min_rows, tmp_path):
+    """FP8 under tensor parallelism: scales shard with their channels, and a per-token scale
+    over a sharded input axis (o, down) is the max over all devices. TP=1 itself is checked
+    against transformers in tests/test_quantization.py."""
+    from test_models import family_config, save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", family_config(family))
+    results = run_tp(str(tmp_path / "ckpt"), (1, 2, 4), tmp_path / "out.npz",
+                     extra_env={"TP_TEST_QUANTIZATION": "fp8", "TP_TEST_FP8_MIN_ROWS": str(min_rows)})
+    check_against_tp1(results, (1, 2, 4))
 
 
 @pytest.mark.slow

@@ -105,6 +105,7 @@ def engine_summary(engine) -> dict:
     device = jax.devices()[0]
     config = engine.config
     return {"model": engine.source.name, "load_format": config.load_format,
+            "quantization": config.quantization,
             "dtype": jax.numpy.dtype(engine.dtype).name,
             "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
             "attention_backend": resolve_backend(config.attention_backend, device.platform),

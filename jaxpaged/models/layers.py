@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged.models.quant import linear
+
 
 def rms_norm(x, weight, eps: float):
     """RMSNorm computed in float32, as Hugging Face does, then cast back."""
@@ -52,6 +54,6 @@ def apply_rope(x, cos, sin):
 
 
 def swiglu_mlp(x, gate_up_proj, down_proj):
-    """x [T, D]; gate_up_proj [D, 2, F] (gate, up); down_proj [F, D]."""
-    gate_up = jnp.einsum("td,dgf->tgf", x, gate_up_proj)  # one matmul for both halves
-    return (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ down_proj
+    """x [T, D]; gate_up_proj [D, 2, F] (gate, up); down_proj [F, D] (or their fp8 forms)."""
+    gate_up = linear(x, gate_up_proj)  # [T, 2, F]: one matmul for both halves
+    return linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], down_proj)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.layers import rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
+from jaxpaged.models.quant import linear
 from jaxpaged.step_inputs import AttentionMetadata
 
 # attention(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], kv_pages, metadata, rope=(cos, sin) [T,D] each)
@@ -39,7 +40,7 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
     for i, (layer, pages) in enumerate(zip(params["layers"], kv_pages)):
         with jax.named_scope(f"layer_{i}"):
             h = rms_norm(x, layer["input_norm"], eps)
-            q, k, v = h @ layer["q_proj"], h @ layer["k_proj"], h @ layer["v_proj"]
+            q, k, v = (linear(h, layer[name]) for name in ("q_proj", "k_proj", "v_proj"))
             if config.qkv_bias:
                 q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
             q = q.reshape(num_tokens, config.num_q_heads, hd)  # [T, Hq, hd]
@@ -49,7 +50,7 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
                 q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
             # attention rotates q and k by (cos, sin) (in its kernel where the backend can)
             out, pages = attention(q, k, v, pages, metadata, rope=(cos, sin))  # [T, Hq, hd]
-            x = x + out.reshape(num_tokens, -1) @ layer["o_proj"]
+            x = x + linear(out.reshape(num_tokens, -1), layer["o_proj"])
             h = rms_norm(x, layer["post_norm"], eps)
             x = x + swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"])
         new_pages.append(pages)

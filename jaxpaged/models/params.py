@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.config import ModelConfig
+from jaxpaged.models.quant import QUANTIZED_LEAVES, quantize_params, quantized_axes
 from jaxpaged.sharding import ShardingPlan
 
 
@@ -131,10 +132,16 @@ def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def param_shardings(plan: ShardingPlan) -> dict:
-    """The NamedSharding of every leaf, from its logical axes (over the plan's padded shapes)."""
-    return jax.tree.map(lambda spec: plan.sharding(spec.logical_axes), param_specs(plan.config),
-                        is_leaf=_is_spec)
+def param_shardings(plan: ShardingPlan, quantization: str | None = None) -> dict:
+    """The NamedSharding of every leaf, from its logical axes (over the plan's padded shapes);
+    with `quantization`, of the tree `quant.quantize_params` makes."""
+    specs = param_specs(plan.config)
+    if quantization:
+        for layer in specs["layers"]:
+            for name in QUANTIZED_LEAVES:
+                layer[name] = quantized_axes(layer[name].logical_axes)
+    return jax.tree.map(lambda spec: plan.sharding(spec.logical_axes if _is_spec(spec) else spec),
+                        specs, is_leaf=lambda x: _is_spec(x) or isinstance(x, tuple))
 
 
 def load_params(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], dtype,
@@ -160,8 +167,10 @@ def load_params(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], 
     return jax.tree.unflatten(treedef, loaded)
 
 
-def random_params(config: ModelConfig, dtype, seed: int = 0, plan: ShardingPlan | None = None) -> dict:
-    """Random weights of the right shapes (for benchmarks without downloads).
+def random_params(config: ModelConfig, dtype, seed: int = 0, plan: ShardingPlan | None = None,
+                  quantization: str | None = None) -> dict:
+    """Random weights of the right shapes (for benchmarks without downloads), quantized by
+    `quantization` if given (`quant.quantize_params`).
 
     Each leaf is drawn inside a jit whose output is already sharded, so no device holds a whole
     sharded tensor. Random bits are partitionable (jax_threefry_partitionable), so the values do
@@ -184,5 +193,8 @@ def random_params(config: ModelConfig, dtype, seed: int = 0, plan: ShardingPlan 
 
             programs[kind] = jax.jit(draw, out_shardings=plan.sharding(spec.logical_axes))
         values.append(programs[kind](key))
-    return jax.tree.unflatten(treedef, values)
+    params = jax.tree.unflatten(treedef, values)
+    if quantization:
+        params = quantize_params(params, param_shardings(plan, quantization), quantization)
+    return params
 
