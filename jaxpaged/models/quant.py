@@ -23,10 +23,10 @@ FP8_MAX = 448.0  # the largest finite e4m3fn value
 QUANTIZED_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
 # Buckets below this many rows multiply bf16 activations by the e4m3 weights converted inside
 # XLA's GEMM fusion (decode is bound by weight bytes, which that halves); from here up, e4m3 x
-# e4m3 on cuBLASLt (prefill is bound by arithmetic, which that doubles). On an H200 the 8B
-# forward took 3.32 ms at batch 1 and 4.91 at 32 this way, 4.09 and 5.47 with activations
-# quantized at every size (bf16: 4.42 and 5.83): benchmarks/results/h200_session13.md. 64 and
-# 128 rows were not timed both ways.
+# e4m3 on cuBLASLt (prefill is bound by arithmetic, which that doubles). The 8B forward on an
+# H200 (ms; benchmarks/results/h200_session13.md), weight-only vs activations quantized: batch 1
+# 3.32 vs 4.09, 32: 4.91 vs 5.47, 64: 6.87 vs 7.06, 256: 17.27 vs 14.29 (bf16: 4.42 at 1, 5.83
+# at 32). 128 rows was not timed.
 FP8_ACTIVATION_MIN_ROWS = 128
 _TINY = 1e-12  # the scale floor: an all-zero row or channel (padding) quantizes to zeros
 
