@@ -24,10 +24,12 @@ from jaxpaged.attention import get_kv_cache_shape, has_decode_only, make_attenti
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.llama import forward, token_logprobs
 from jaxpaged.models.params import param_shardings
+from jaxpaged.models.quant import fp8_compiler_options
 from jaxpaged.sampler import SampleOutput, sample
 from jaxpaged.sampling_params import DRAW_KINDS, MAX_LOGPROBS
 from jaxpaged.sharding import ShardingPlan
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
+from pallas_kernels import swiglu_fp8 as swiglu_fp8_kernel
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -70,7 +72,8 @@ class ModelRunner:
         self.pages_per_seq = pages_per_seq
         self.max_model_len = max_model_len
         self.token_buckets = token_buckets
-        platform = jax.devices()[0].platform
+        self.quantization = quantization
+        platform = self.platform = jax.devices()[0].platform
         shape = get_kv_cache_shape(num_pages, page_size, config.num_kv_heads, config.head_dim)
         kv_sharding, rep = self.plan.kv_pages_sharding, self.plan.replicated
         self.kv_pages = [jnp.zeros(shape, kv_dtype, device=kv_sharding)
@@ -96,8 +99,9 @@ class ModelRunner:
         # example arguments instead.)
         params_sharding = param_shardings(self.plan, quantization)
         kv_shardings = [kv_sharding] * config.num_layers
+        swiglu = pick_swiglu_fp8(platform, config.intermediate_size, self.plan.tensor_parallel_size)
         self._forward, self._forward_decode = (jax.jit(
-            functools.partial(_forward_step, config=config,
+            functools.partial(_forward_step, config=config, swiglu_fp8=swiglu,
                               attention=self.plan.shard_attention(attention(decode_only=decode_only))),
             in_shardings=(params_sharding, kv_shardings, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shardings), donate_argnames=("kv_pages",))
@@ -214,12 +218,15 @@ class ModelRunner:
             self.params, hidden, targets, num_top=MAX_LOGPROBS)
         self.lowering_seconds = time.perf_counter() - start
 
-        def compile_timed(low):
+        def compile_timed(key):
             begin = time.perf_counter()
-            return low.compile(), time.perf_counter() - begin
+            options = None
+            if key[0] in ("forward", "decode"):
+                options = fp8_compiler_options(self.quantization, self.platform, rows=key[1])
+            return lowered[key].compile(compiler_options=options), time.perf_counter() - begin
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            results = dict(zip(lowered, pool.map(compile_timed, lowered.values())))
+            results = dict(zip(lowered, pool.map(compile_timed, lowered)))
         compiled = {key: program for key, (program, _) in results.items()}
         # Wall seconds of each compile (they overlap in the pool): where start-up goes.
         self.compile_seconds = {"/".join(map(str, key)): seconds for key, (_, seconds) in results.items()}
@@ -237,12 +244,23 @@ class ModelRunner:
 
 
 def _forward_step(params, kv_pages, token_ids, token_src, last_token_ids, metadata, *, config,
-                  attention):
+                  attention, swiglu_fp8):
     """The forward pass, first taking each token with `token_src >= 0` from the previous step's
     sampled ids (`last_token_ids` [S], still on the device)."""
     from_last = last_token_ids[jnp.maximum(token_src, 0)]
     token_ids = jnp.where(token_src >= 0, from_last, token_ids)
-    return forward(params, kv_pages, token_ids, metadata, config=config, attention=attention)
+    return forward(params, kv_pages, token_ids, metadata, config=config, attention=attention,
+                   swiglu_fp8=swiglu_fp8)
+
+
+def pick_swiglu_fp8(platform: str, intermediate_size: int, tensor_parallel_size: int):
+    """The op between an FP8 MLP's GEMMs: the Pallas kernel on an NVIDIA GPU (one pass instead of
+    XLA's two: pallas_kernels/swiglu_fp8.py), else the jnp reference. Under tensor parallelism
+    the MLP's width is split over devices and each row's max needs them all, which XLA's
+    partitioner adds to the jnp op and cannot add to a kernel: the reference there too."""
+    if platform == "gpu" and tensor_parallel_size == 1 and swiglu_fp8_kernel.supported(intermediate_size):
+        return functools.partial(swiglu_fp8_kernel.swiglu_fp8_gpu, rows=1)
+    return swiglu_fp8_kernel.swiglu_fp8_reference
 
 
 def _sample_step(logits, sampling, *, num_rows, apply_penalties, num_top_logprobs, draw="filtered"):

@@ -182,3 +182,35 @@ def test_unknown_quantization_is_a_one_line_error():
     assert [line for line in result.stderr.splitlines() if line.startswith("jaxpaged: error")] == [
         "jaxpaged: error: quantization must be one of fp8 (or unset), got 'int4'"]
     assert "Traceback" not in result.stderr
+
+
+# ---- on the GPU: cuBLASLt's e4m3 GEMMs, XLA's GEMMs with the e4m3 -> float convert inside them,
+# and the SwiGLU kernel between the MLP's GEMMs (pallas_kernels/swiglu_fp8.py). In float32, as on
+# the CPU: in bf16 the engine's own rounding moves these tiny models' logits as much as the
+# quantization does (~0.3, measured on the CPU), so a bf16 comparison could not tell a wrong
+# scale from rounding. The real SmolLM2 does not travel to the GPU machine (94 MiB).
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family, activations", [("llama", True), ("qwen2", True), ("llama", False)],
+                         ids=["llama-w8a8", "qwen2-w8a8", "llama-weight_only"])
+def test_fp8_family_on_gpu_matches_fake_quantized_transformers(family, activations, tmp_path, monkeypatch):
+    import jax
+
+    use_path(monkeypatch, activations)
+    model = save_checkpoint(tmp_path, family_config(family))
+    with jax.default_matmul_precision("highest"):  # float32 dots as float32 (not TF32) where not e4m3
+        llm = jaxpaged.LLM(model=str(tmp_path), quantization="fp8", **ENGINE_ARGS)
+        rng = np.random.default_rng(len(family))
+        prompts = [rng.integers(0, VOCAB, n).tolist() for n in PROMPT_LENS]
+        results = run_engine(llm, prompts, NUM_DECODE_STEPS)
+    program = llm.engine.runner._forward_programs[ENGINE_ARGS["token_buckets"][0]].as_text()
+    assert ("swiglu_fp8" in program) == activations  # the kernel runs where activations are e4m3
+    oracle = fake_quantized(model, activations)
+    for prompt, steps in zip(prompts, results):
+        ours = np.stack([logits for logits, _ in steps])
+        tokens = [token for _, token in steps]
+        expected = transformers_logits(oracle, prompt + tokens, len(prompt))
+        plain = transformers_logits(model, prompt + tokens, len(prompt))
+        check_steps(ours, expected, plain, tokens, f"{family} on the GPU, {len(prompt)}-token prompt")
+

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.models.quant import linear
+from jaxpaged.models.quant import fp8_swiglu_mlp, linear, quantizes_activations
+from pallas_kernels.swiglu_fp8 import swiglu_fp8_reference
 
 
 def rms_norm(x, weight, eps: float):
@@ -53,7 +54,11 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
-def swiglu_mlp(x, gate_up_proj, down_proj):
-    """x [T, D]; gate_up_proj [D, 2, F] (gate, up); down_proj [F, D] (or their fp8 forms)."""
+def swiglu_mlp(x, gate_up_proj, down_proj, *, swiglu_fp8=swiglu_fp8_reference):
+    """x [T, D]; gate_up_proj [D, 2, F] (gate, up); down_proj [F, D] (or their fp8 forms).
+    With FP8 activations, `swiglu_fp8` takes the gate/up product to the down GEMM's e4m3 input
+    (the GPU kernel where the runner picks it; see `quant.fp8_swiglu_mlp`)."""
+    if quantizes_activations(x, gate_up_proj):
+        return fp8_swiglu_mlp(x, gate_up_proj, down_proj, swiglu_fp8)
     gate_up = linear(x, gate_up_proj)  # [T, 2, F]: one matmul for both halves
     return linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], down_proj)

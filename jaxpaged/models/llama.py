@@ -14,6 +14,7 @@ from jaxpaged.config import ModelConfig
 from jaxpaged.models.layers import rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
 from jaxpaged.models.quant import linear
 from jaxpaged.step_inputs import AttentionMetadata
+from pallas_kernels.swiglu_fp8 import swiglu_fp8_reference
 
 # attention(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], kv_pages, metadata, rope=(cos, sin) [T,D] each)
 #   -> (out [T,Hq,D], kv_pages); q and k go in unrotated (jaxpaged.attention.make_attention)
@@ -21,12 +22,14 @@ AttentionFn = Callable
 
 
 def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata, *,
-            config: ModelConfig, attention: AttentionFn):
+            config: ModelConfig, attention: AttentionFn, swiglu_fp8=swiglu_fp8_reference):
     """One step over a ragged batch: returns logits at each sequence's last token and the cache.
 
     token_ids [T] int32; kv_pages: one array per layer in the attention backend's layout.
     Returns (logits [S, vocab] float32, hidden [T, D], new kv_pages). `hidden` holds the
     final-normed states of every scheduled token, for prompt logprobs (see `token_logprobs`).
+    `swiglu_fp8`: the op between an FP8 MLP's two GEMMs where activations are e4m3
+    (`pallas_kernels.swiglu_fp8`: the jnp reference, or the GPU kernel the runner picks).
     """
     num_tokens = token_ids.shape[0]
     hd, eps = config.head_dim, config.rms_norm_eps
@@ -52,7 +55,7 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
             out, pages = attention(q, k, v, pages, metadata, rope=(cos, sin))  # [T, Hq, hd]
             x = x + linear(out.reshape(num_tokens, -1), layer["o_proj"])
             h = rms_norm(x, layer["post_norm"], eps)
-            x = x + swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"])
+            x = x + swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"], swiglu_fp8=swiglu_fp8)
         new_pages.append(pages)
 
     # RMS norm is per row, so norming every token then gathering equals gathering then norming.

@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.config import QUANTIZATIONS
+from pallas_kernels.swiglu_fp8 import FP8, FP8_MAX, TINY, quantize_rows
 
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite e4m3fn value
 QUANTIZED_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
 # Buckets below this many rows multiply bf16 activations by the e4m3 weights converted inside
 # XLA's GEMM fusion (decode is bound by weight bytes, which that halves); from here up, e4m3 x
@@ -28,7 +27,21 @@ QUANTIZED_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "dow
 # 3.32 vs 4.09, 32: 4.91 vs 5.47, 64: 6.87 vs 7.06, 256: 17.27 vs 14.29 (bf16: 4.42 at 1, 5.83
 # at 32). 128 rows was not timed.
 FP8_ACTIVATION_MIN_ROWS = 128
-_TINY = 1e-12  # the scale floor: an all-zero row or channel (padding) quantizes to zeros
+
+
+def fp8_compiler_options(quantization: str | None, platform: str, *, rows: int) -> dict | None:
+    """XLA options for compiling a forward of `rows` token rows, or None for the defaults.
+
+    Where activations are quantized (FP8_ACTIVATION_MIN_ROWS rows up) on a GPU, XLA's Triton
+    GEMMs are switched off for that program alone: otherwise XLA autotunes Triton candidates for
+    every e4m3 x e4m3 GEMM (12-18 s each for an 8B model's prefill shapes on the H200) and then
+    picks cuBLASLt anyway, at the same speed (session 13: q/k/v at 8,448 rows 412 vs 420 us), which
+    made an FP8 engine's cold start 114-160 s instead of ~30. Decode buckets keep the Triton GEMMs
+    that fold the e4m3 -> bf16 convert into the matmul. The flag is a per-program compile option,
+    not XLA_FLAGS, so nothing else in the process changes."""
+    if quantization != "fp8" or platform != "gpu" or rows < FP8_ACTIVATION_MIN_ROWS:
+        return None
+    return {"xla_gpu_enable_triton_gemm": False}
 
 
 def quantized_axes(logical_axes: tuple) -> dict:
@@ -39,7 +52,7 @@ def quantized_axes(logical_axes: tuple) -> dict:
 def quantize_weight(w) -> dict:
     """w [in, *out] -> {"weight": e4m3 [*out, in], "scale": float32 [*out]}."""
     w32 = w.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(w32), axis=0), _TINY) / FP8_MAX  # [*out]
+    scale = jnp.maximum(jnp.max(jnp.abs(w32), axis=0), TINY) / FP8_MAX  # [*out]
     weight = jnp.clip(jnp.moveaxis(w32 / scale, 0, -1), -FP8_MAX, FP8_MAX).astype(FP8)
     return {"weight": weight, "scale": scale}
 
@@ -49,24 +62,50 @@ def linear(x, w):
     FP8 activations from FP8_ACTIVATION_MIN_ROWS rows up (a static choice: the bucket's)."""
     if not isinstance(w, dict):
         return jnp.tensordot(x, w, axes=1)
-    return fp8_linear(x, w, quantize_activations=x.shape[0] >= FP8_ACTIVATION_MIN_ROWS)
+    return fp8_linear(x, w, quantize_activations=quantizes_activations(x, w))
+
+
+def quantizes_activations(x, w) -> bool:
+    """Whether `linear(x, w)` multiplies e4m3 by e4m3 (an FP8 weight in a large bucket)."""
+    return isinstance(w, dict) and x.shape[0] >= FP8_ACTIVATION_MIN_ROWS
 
 
 def fp8_linear(x, w: dict, *, quantize_activations: bool):
     """x [T, in] times a `quantize_weight` dict -> [T, *out], in x's dtype. With
     `quantize_activations`, e4m3 x e4m3 (x quantized per token); else x times the weight
     converted to x's dtype inside the matmul (FP8 bytes read, the arithmetic in x's dtype)."""
-    weight, w_scale = w["weight"], w["scale"]
-    dims = (((1,), (weight.ndim - 1,)), ((), ()))
     if not quantize_activations:
-        y = jax.lax.dot_general(x, weight.astype(x.dtype), dims)  # [T, *out]
-        return (y.astype(jnp.float32) * w_scale).astype(x.dtype)
-    x32 = x.astype(jnp.float32)
-    x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1), _TINY) / FP8_MAX  # [T]
-    xq = jnp.clip(x32 / x_scale[:, None], -FP8_MAX, FP8_MAX).astype(FP8)
-    y = jax.lax.dot_general(xq, weight, dims, preferred_element_type=x.dtype)  # [T, *out]
+        y = jax.lax.dot_general(x, w["weight"].astype(x.dtype), _dims(w["weight"]))  # [T, *out]
+        return (y.astype(jnp.float32) * w["scale"]).astype(x.dtype)
+    xq, x_scale = quantize_rows(x)
+    return scale_output(fp8_matmul(xq, w["weight"], x.dtype), x_scale, w["scale"], x.dtype)
+
+
+def fp8_matmul(xq, weight, dtype):
+    """e4m3 xq [T, in] times an e4m3 weight [*out, in] -> the raw (unscaled) [T, *out] in dtype."""
+    return jax.lax.dot_general(xq, weight, _dims(weight), preferred_element_type=dtype)
+
+
+def scale_output(y, x_scale, w_scale, dtype):
+    """A raw e4m3 product y [T, *out] scaled by its rows' x_scale [T] and columns' w_scale [*out]."""
     x_scale = x_scale.reshape(x_scale.shape + (1,) * (y.ndim - 1))
-    return (y.astype(jnp.float32) * x_scale * w_scale).astype(x.dtype)
+    return (y.astype(jnp.float32) * x_scale * w_scale).astype(dtype)
+
+
+def fp8_swiglu_mlp(x, gate_up: dict, down: dict, swiglu_fp8):
+    """The SwiGLU MLP with e4m3 activations: x [T, D] -> [T, D]. Between the two GEMMs,
+    `swiglu_fp8(y, x_scale, w_scale, dtype=)` (`pallas_kernels.swiglu_fp8`: the GPU kernel or the
+    jnp reference) scales the gate/up product, applies SiLU x up and quantizes each row for the
+    down GEMM, in one pass."""
+    xq, x_scale = quantize_rows(x)
+    y = fp8_matmul(xq, gate_up["weight"], x.dtype)  # [T, 2, F] raw
+    h, h_scale = swiglu_fp8(y, x_scale, gate_up["scale"], dtype=x.dtype)  # e4m3 [T, F], [T]
+    return scale_output(fp8_matmul(h, down["weight"], x.dtype), h_scale, down["scale"], x.dtype)
+
+
+def _dims(weight):
+    """dot_general dimensions of x [T, in] against a weight [*out, in]."""
+    return (((1,), (weight.ndim - 1,)), ((), ()))
 
 
 def quantize_params(params: dict, shardings: dict, method: str) -> dict:
