@@ -24,12 +24,12 @@ from jaxpaged.attention import get_kv_cache_shape, has_decode_only, make_attenti
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.llama import forward, token_logprobs
 from jaxpaged.models.params import param_shardings
-from jaxpaged.models.quant import fp8_compiler_options
+from jaxpaged.models.quant import Fp8Ops, fp8_compiler_options
 from jaxpaged.sampler import SampleOutput, sample
 from jaxpaged.sampling_params import DRAW_KINDS, MAX_LOGPROBS
 from jaxpaged.sharding import ShardingPlan
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
-from pallas_kernels import swiglu_fp8 as swiglu_fp8_kernel
+from pallas_kernels import fp8_activations as fp8_kernels
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -99,9 +99,9 @@ class ModelRunner:
         # example arguments instead.)
         params_sharding = param_shardings(self.plan, quantization)
         kv_shardings = [kv_sharding] * config.num_layers
-        swiglu = pick_swiglu_fp8(platform, config.intermediate_size, self.plan.tensor_parallel_size)
+        fp8_ops = pick_fp8_ops(platform, config, self.plan.tensor_parallel_size)
         self._forward, self._forward_decode = (jax.jit(
-            functools.partial(_forward_step, config=config, swiglu_fp8=swiglu,
+            functools.partial(_forward_step, config=config, fp8_ops=fp8_ops,
                               attention=self.plan.shard_attention(attention(decode_only=decode_only))),
             in_shardings=(params_sharding, kv_shardings, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shardings), donate_argnames=("kv_pages",))
@@ -244,23 +244,33 @@ class ModelRunner:
 
 
 def _forward_step(params, kv_pages, token_ids, token_src, last_token_ids, metadata, *, config,
-                  attention, swiglu_fp8):
+                  attention, fp8_ops):
     """The forward pass, first taking each token with `token_src >= 0` from the previous step's
     sampled ids (`last_token_ids` [S], still on the device)."""
     from_last = last_token_ids[jnp.maximum(token_src, 0)]
     token_ids = jnp.where(token_src >= 0, from_last, token_ids)
     return forward(params, kv_pages, token_ids, metadata, config=config, attention=attention,
-                   swiglu_fp8=swiglu_fp8)
+                   fp8_ops=fp8_ops)
 
 
-def pick_swiglu_fp8(platform: str, intermediate_size: int, tensor_parallel_size: int):
-    """The op between an FP8 MLP's GEMMs: the Pallas kernel on an NVIDIA GPU (one pass instead of
-    XLA's two: pallas_kernels/swiglu_fp8.py), else the jnp reference. Under tensor parallelism
-    the MLP's width is split over devices and each row's max needs them all, which XLA's
-    partitioner adds to the jnp op and cannot add to a kernel: the reference there too."""
-    if platform == "gpu" and tensor_parallel_size == 1 and swiglu_fp8_kernel.supported(intermediate_size):
-        return functools.partial(swiglu_fp8_kernel.swiglu_fp8_gpu, rows=1)
-    return swiglu_fp8_kernel.swiglu_fp8_reference
+def pick_fp8_ops(platform: str, config: ModelConfig, tensor_parallel_size: int) -> Fp8Ops:
+    """The row-wise ops between FP8 GEMMs (used where activations are e4m3): on an NVIDIA GPU
+    the Pallas kernels of `pallas_kernels.fp8_activations`, each one pass over its rows where XLA
+    makes two or three (an 8B prefill step on the H100: the SwiGLU 707 -> 423 us a layer); the
+    jnp references elsewhere, and for widths the kernels do not take. Under tensor parallelism
+    the MLP's width is split over devices and a row's max needs them all, which XLA's
+    partitioner adds to the jnp ops and cannot add to a kernel: the references there too."""
+    if platform != "gpu" or tensor_parallel_size != 1:
+        return Fp8Ops()
+    ok = fp8_kernels.supported
+    attention_width = config.num_q_heads * config.head_dim
+    return Fp8Ops(
+        quantize=(fp8_kernels.quantize_fp8_gpu if ok(attention_width) and ok(config.hidden_size)
+                  else fp8_kernels.quantize_rows),
+        swiglu=(functools.partial(fp8_kernels.swiglu_fp8_gpu, rows=1, num_warps=16)
+                if ok(config.intermediate_size) else fp8_kernels.swiglu_fp8_reference),
+        add_rms_norm=(fp8_kernels.add_rms_norm_fp8_gpu if ok(config.hidden_size)
+                      else fp8_kernels.add_rms_norm_fp8_reference))
 
 
 def _sample_step(logits, sampling, *, num_rows, apply_penalties, num_top_logprobs, draw="filtered"):

@@ -185,7 +185,7 @@ def test_unknown_quantization_is_a_one_line_error():
 
 
 # ---- on the GPU: cuBLASLt's e4m3 GEMMs, XLA's GEMMs with the e4m3 -> float convert inside them,
-# and the SwiGLU kernel between the MLP's GEMMs (pallas_kernels/swiglu_fp8.py). In float32, as on
+# and the row-wise kernels between GEMMs (pallas_kernels/fp8_activations.py). In float32, as on
 # the CPU: in bf16 the engine's own rounding moves these tiny models' logits as much as the
 # quantization does (~0.3, measured on the CPU), so a bf16 comparison could not tell a wrong
 # scale from rounding. The real SmolLM2 does not travel to the GPU machine (94 MiB).
@@ -205,7 +205,8 @@ def test_fp8_family_on_gpu_matches_fake_quantized_transformers(family, activatio
         prompts = [rng.integers(0, VOCAB, n).tolist() for n in PROMPT_LENS]
         results = run_engine(llm, prompts, NUM_DECODE_STEPS)
     program = llm.engine.runner._forward_programs[ENGINE_ARGS["token_buckets"][0]].as_text()
-    assert ("swiglu_fp8" in program) == activations  # the kernel runs where activations are e4m3
+    for kernel in ("swiglu_fp8", "add_rms_norm_fp8", "quantize_fp8"):  # where activations are e4m3
+        assert (kernel in program) == activations, kernel
     oracle = fake_quantized(model, activations)
     for prompt, steps in zip(prompts, results):
         ours = np.stack([logits for logits, _ in steps])

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.models.quant import fp8_swiglu_mlp, linear, quantizes_activations
-from pallas_kernels.swiglu_fp8 import swiglu_fp8_reference
+from jaxpaged.models.quant import Fp8Ops, Fp8Product, Fp8Rows, fp8_swiglu_mlp, linear
 
 
 def rms_norm(x, weight, eps: float):
@@ -54,11 +53,32 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
-def swiglu_mlp(x, gate_up_proj, down_proj, *, swiglu_fp8=swiglu_fp8_reference):
-    """x [T, D]; gate_up_proj [D, 2, F] (gate, up); down_proj [F, D] (or their fp8 forms).
-    With FP8 activations, `swiglu_fp8` takes the gate/up product to the down GEMM's e4m3 input
-    (the GPU kernel where the runner picks it; see `quant.fp8_swiglu_mlp`)."""
-    if quantizes_activations(x, gate_up_proj):
-        return fp8_swiglu_mlp(x, gate_up_proj, down_proj, swiglu_fp8)
-    gate_up = linear(x, gate_up_proj)  # [T, 2, F]: one matmul for both halves
+def add_rms_norm(x, delta, weight, eps: float, *, quantize: bool, ops: Fp8Ops):
+    """The residual add and the norm after it: returns (x + delta, RMSNorm of that).
+
+    x [T, D] is the residual stream; delta what a block adds to it (None before the first
+    layer, an array, or an output projection's raw `Fp8Product`). With `quantize` (the next
+    GEMM takes e4m3 rows) the normed rows come back as `Fp8Rows`, in one op after an FP8
+    projection (`ops.add_rms_norm`)."""
+    if quantize and isinstance(delta, Fp8Product):
+        x, h, h_scale = ops.add_rms_norm(x, delta.raw, delta.x_scale, delta.w_scale, weight, eps=eps)
+        return x, Fp8Rows(h, h_scale, x.dtype)
+    x = add(x, delta)
+    h = rms_norm(x, weight, eps)
+    return x, (Fp8Rows(*ops.quantize(h), x.dtype) if quantize else h)
+
+
+def add(x, delta):
+    """x + delta, for any delta `add_rms_norm` takes."""
+    if delta is None:
+        return x
+    return x + (delta.scaled() if isinstance(delta, Fp8Product) else delta)
+
+
+def swiglu_mlp(h, gate_up_proj, down_proj, ops: Fp8Ops):
+    """h [T, D] (or `Fp8Rows`); gate_up_proj [D, 2, F] (gate, up); down_proj [F, D] (or their fp8
+    forms). Returns [T, D], or on e4m3 rows the down GEMM's raw `Fp8Product`."""
+    if isinstance(h, Fp8Rows):
+        return fp8_swiglu_mlp(h, gate_up_proj, down_proj, ops)
+    gate_up = linear(h, gate_up_proj)  # [T, 2, F]: one matmul for both halves
     return linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], down_proj)

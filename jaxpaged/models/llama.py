@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.config import ModelConfig
-from jaxpaged.models.layers import rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
-from jaxpaged.models.quant import linear
+from jaxpaged.models.layers import add, add_rms_norm, rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
+from jaxpaged.models.quant import Fp8Ops, linear, project, quantizes_activations
 from jaxpaged.step_inputs import AttentionMetadata
-from pallas_kernels.swiglu_fp8 import swiglu_fp8_reference
 
 # attention(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], kv_pages, metadata, rope=(cos, sin) [T,D] each)
 #   -> (out [T,Hq,D], kv_pages); q and k go in unrotated (jaxpaged.attention.make_attention)
@@ -22,27 +21,30 @@ AttentionFn = Callable
 
 
 def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata, *,
-            config: ModelConfig, attention: AttentionFn, swiglu_fp8=swiglu_fp8_reference):
+            config: ModelConfig, attention: AttentionFn, fp8_ops: Fp8Ops = Fp8Ops()):
     """One step over a ragged batch: returns logits at each sequence's last token and the cache.
 
     token_ids [T] int32; kv_pages: one array per layer in the attention backend's layout.
     Returns (logits [S, vocab] float32, hidden [T, D], new kv_pages). `hidden` holds the
     final-normed states of every scheduled token, for prompt logprobs (see `token_logprobs`).
-    `swiglu_fp8`: the op between an FP8 MLP's two GEMMs where activations are e4m3
-    (`pallas_kernels.swiglu_fp8`: the jnp reference, or the GPU kernel the runner picks).
+    `fp8_ops`: the row-wise ops between GEMMs where activations are e4m3 (`quant.Fp8Ops`: the
+    jnp references, or the GPU kernels the runner picks).
     """
     num_tokens = token_ids.shape[0]
     hd, eps = config.head_dim, config.rms_norm_eps
     inv_freq = rope_inv_freq(hd, config.rope_theta, dict(config.rope_scaling))
     cos, sin = rope_cos_sin(metadata.positions, inv_freq)  # [T, hd] each
 
-    x = params["embed"][token_ids]  # [T, D]
+    # The residual stream x and what the last block adds to it: each add happens in one op with
+    # the norm after it (with FP8 activations, also the next GEMM's quantization).
+    x, delta = params["embed"][token_ids], None  # [T, D]
     new_pages = []
     # A Python loop: the layers unroll over per-layer weights and per-layer donated caches, which
     # XLA updates in place (a scan over stacked layers copies weights or caches every step).
     for i, (layer, pages) in enumerate(zip(params["layers"], kv_pages)):
         with jax.named_scope(f"layer_{i}"):
-            h = rms_norm(x, layer["input_norm"], eps)
+            x, h = add_rms_norm(x, delta, layer["input_norm"], eps, ops=fp8_ops,
+                                quantize=quantizes_activations(x, layer["q_proj"]))
             q, k, v = (linear(h, layer[name]) for name in ("q_proj", "k_proj", "v_proj"))
             if config.qkv_bias:
                 q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
@@ -53,10 +55,12 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
                 q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
             # attention rotates q and k by (cos, sin) (in its kernel where the backend can)
             out, pages = attention(q, k, v, pages, metadata, rope=(cos, sin))  # [T, Hq, hd]
-            x = x + linear(out.reshape(num_tokens, -1), layer["o_proj"])
-            h = rms_norm(x, layer["post_norm"], eps)
-            x = x + swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"], swiglu_fp8=swiglu_fp8)
+            delta = project(out.reshape(num_tokens, -1), layer["o_proj"], fp8_ops)
+            x, h = add_rms_norm(x, delta, layer["post_norm"], eps, ops=fp8_ops,
+                                quantize=quantizes_activations(x, layer["gate_up_proj"]))
+            delta = swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"], fp8_ops)
         new_pages.append(pages)
+    x = add(x, delta)
 
     # RMS norm is per row, so norming every token then gathering equals gathering then norming.
     hidden = rms_norm(x, params["final_norm"], eps)  # [T, D]

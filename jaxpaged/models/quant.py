@@ -7,17 +7,23 @@ A bf16 (or float32) checkpoint is quantized when it loads, as vLLM does for an u
 - each activation per token, in the step (dynamic): scale = max |x| over the row / 448.
 
 `linear` then multiplies e4m3 by e4m3 and applies both scales to the output, where XLA fuses
-them into the ops that read it (rope, the residual add, SiLU x up); in small (decode) buckets it
-keeps activations in the model dtype (FP8_ACTIVATION_MIN_ROWS). Per-token scales keep a
+them into the ops that read it (rope, the q/k/v relayout); in small (decode) buckets it keeps
+activations in the model dtype (FP8_ACTIVATION_MIN_ROWS). Between GEMMs, one op per gap reads
+the rows once (`Fp8Ops`): the residual add + RMSNorm + quantization after o and down, SiLU x up
++ quantization inside the MLP, the quantization of the attention output. Per-token scales keep a
 sequence's outputs independent of what else is in its batch, though not of its bucket. Quantized: q/k/v, o, gate/up and
 down of every layer; the embedding, the LM head and the norms stay in the model dtype.
 """
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxpaged.config import QUANTIZATIONS
-from pallas_kernels.swiglu_fp8 import FP8, FP8_MAX, TINY, quantize_rows
+from pallas_kernels.fp8_activations import (FP8, FP8_MAX, TINY, add_rms_norm_fp8_reference,
+                                            quantize_rows, swiglu_fp8_reference)
 
 QUANTIZED_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
 # Buckets below this many rows multiply bf16 activations by the e4m3 weights converted inside
@@ -57,17 +63,55 @@ def quantize_weight(w) -> dict:
     return {"weight": weight, "scale": scale}
 
 
+class Fp8Rows(NamedTuple):
+    """Activations quantized per row: the input of the FP8 GEMMs that read them."""
+    values: jax.Array  # e4m3 [T, K]
+    scale: jax.Array  # float32 [T]
+    dtype: Any  # the model dtype (of the GEMMs' outputs)
+
+
+class Fp8Product(NamedTuple):
+    """An e4m3 x e4m3 GEMM's raw output with the scales still to apply: what an output projection
+    (o, down) hands to the residual add, so one op scales, adds, norms and quantizes it."""
+    raw: jax.Array  # [T, *out] in the model dtype, unscaled
+    x_scale: jax.Array  # float32 [T]
+    w_scale: jax.Array  # float32 [*out]
+
+    def scaled(self):
+        return scale_output(self.raw, self.x_scale, self.w_scale, self.raw.dtype)
+
+
+class Fp8Ops(NamedTuple):
+    """The row-wise ops between FP8 GEMMs (`pallas_kernels.fp8_activations`): the Pallas kernels
+    where the runner picks them (`runner.pick_fp8_ops`), else the jnp references."""
+    quantize: Callable = quantize_rows  # x [T, K] -> (e4m3 [T, K], scale [T])
+    swiglu: Callable = swiglu_fp8_reference  # (y [T, 2, F], x_scale, w_scale, dtype=) -> (h, h_scale)
+    add_rms_norm: Callable = add_rms_norm_fp8_reference  # (residual, y, x_scale, w_scale, norm, eps=)
+
+
+def quantizes_activations(x, w) -> bool:
+    """Whether a linear of x [T, in] by `w` multiplies e4m3 by e4m3 (an FP8 weight in a large
+    bucket): then its input is quantized once, by the op before it, as `Fp8Rows`."""
+    return isinstance(w, dict) and x.shape[0] >= FP8_ACTIVATION_MIN_ROWS
+
+
 def linear(x, w):
-    """x [T, in] times a weight [in, *out] (an array, or a `quantize_weight` dict) -> [T, *out].
-    FP8 activations from FP8_ACTIVATION_MIN_ROWS rows up (a static choice: the bucket's)."""
+    """x [T, in] (or `Fp8Rows`) times a weight [in, *out] (an array, or a `quantize_weight` dict)
+    -> [T, *out] in the model dtype."""
+    if isinstance(x, Fp8Rows):
+        return scale_output(fp8_matmul(x.values, w["weight"], x.dtype), x.scale, w["scale"], x.dtype)
     if not isinstance(w, dict):
         return jnp.tensordot(x, w, axes=1)
     return fp8_linear(x, w, quantize_activations=quantizes_activations(x, w))
 
 
-def quantizes_activations(x, w) -> bool:
-    """Whether `linear(x, w)` multiplies e4m3 by e4m3 (an FP8 weight in a large bucket)."""
-    return isinstance(w, dict) and x.shape[0] >= FP8_ACTIVATION_MIN_ROWS
+def project(x, w, ops: Fp8Ops):
+    """An output projection (o): x [T, in] times `w`, as `linear`, except that with FP8
+    activations the product stays raw (`Fp8Product`) for `layers.add_rms_norm` to scale."""
+    if not quantizes_activations(x, w):
+        return linear(x, w)
+    xq, x_scale = ops.quantize(x)
+    return Fp8Product(fp8_matmul(xq, w["weight"], x.dtype), x_scale, w["scale"])
 
 
 def fp8_linear(x, w: dict, *, quantize_activations: bool):
@@ -92,15 +136,12 @@ def scale_output(y, x_scale, w_scale, dtype):
     return (y.astype(jnp.float32) * x_scale * w_scale).astype(dtype)
 
 
-def fp8_swiglu_mlp(x, gate_up: dict, down: dict, swiglu_fp8):
-    """The SwiGLU MLP with e4m3 activations: x [T, D] -> [T, D]. Between the two GEMMs,
-    `swiglu_fp8(y, x_scale, w_scale, dtype=)` (`pallas_kernels.swiglu_fp8`: the GPU kernel or the
-    jnp reference) scales the gate/up product, applies SiLU x up and quantizes each row for the
-    down GEMM, in one pass."""
-    xq, x_scale = quantize_rows(x)
-    y = fp8_matmul(xq, gate_up["weight"], x.dtype)  # [T, 2, F] raw
-    h, h_scale = swiglu_fp8(y, x_scale, gate_up["scale"], dtype=x.dtype)  # e4m3 [T, F], [T]
-    return scale_output(fp8_matmul(h, down["weight"], x.dtype), h_scale, down["scale"], x.dtype)
+def fp8_swiglu_mlp(h: Fp8Rows, gate_up: dict, down: dict, ops: Fp8Ops) -> Fp8Product:
+    """The SwiGLU MLP on e4m3 rows: between the two GEMMs `ops.swiglu` scales the gate/up product,
+    applies SiLU x up and quantizes each row for the down GEMM, in one pass."""
+    y = fp8_matmul(h.values, gate_up["weight"], h.dtype)  # [T, 2, F] raw
+    act, act_scale = ops.swiglu(y, h.scale, gate_up["scale"], dtype=h.dtype)  # e4m3 [T, F], [T]
+    return Fp8Product(fp8_matmul(act, down["weight"], h.dtype), act_scale, down["scale"])
 
 
 def _dims(weight):
