@@ -466,7 +466,7 @@ def mixed_step_breakdown(args, params, config, dtype, matmul_flop_s: float) -> d
 
     from jaxpaged.attention import get_kv_cache_shape, make_attention
     from jaxpaged.bench.roofline import decode_batch_inputs, default_page_size
-    from jaxpaged.runner import _forward_step
+    from jaxpaged.runner import _forward_step, pick_fp8_ops
 
     page_size, budget = default_page_size(), args.max_num_batched_tokens
     decode_seqs = min(args.max_num_seqs, budget // 2)
@@ -492,7 +492,8 @@ def mixed_step_breakdown(args, params, config, dtype, matmul_flop_s: float) -> d
            "tokens": budget}
 
     def timed(layer_attention) -> float:
-        step = jax.jit(functools.partial(_forward_step, config=config, attention=layer_attention),
+        step = jax.jit(functools.partial(_forward_step, config=config, attention=layer_attention,
+                                         fp8_ops=pick_fp8_ops(platform, config, 1)),
                        donate_argnums=(1,))
         state = {"kv": kv_pages}
 

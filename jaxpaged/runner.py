@@ -244,7 +244,7 @@ class ModelRunner:
 
 
 def _forward_step(params, kv_pages, token_ids, token_src, last_token_ids, metadata, *, config,
-                  attention, fp8_ops):
+                  attention, fp8_ops: Fp8Ops = Fp8Ops()):
     """The forward pass, first taking each token with `token_src >= 0` from the previous step's
     sampled ids (`last_token_ids` [S], still on the device)."""
     from_last = last_token_ids[jnp.maximum(token_src, 0)]
@@ -256,7 +256,7 @@ def _forward_step(params, kv_pages, token_ids, token_src, last_token_ids, metada
 def pick_fp8_ops(platform: str, config: ModelConfig, tensor_parallel_size: int) -> Fp8Ops:
     """The row-wise ops between FP8 GEMMs (used where activations are e4m3): on an NVIDIA GPU
     the Pallas kernels of `pallas_kernels.fp8_activations`, each one pass over its rows where XLA
-    makes two or three (an 8B prefill step on the H100: the SwiGLU 707 -> 423 us a layer); the
+    makes two or three (an 8B prefill step on the H100: the SwiGLU 707 -> 319 us a layer); the
     jnp references elsewhere, and for widths the kernels do not take. Under tensor parallelism
     the MLP's width is split over devices and a row's max needs them all, which XLA's
     partitioner adds to the jnp ops and cannot add to a kernel: the references there too."""

@@ -17,7 +17,8 @@ import pytest
 from jaxpaged.attention import get_kv_cache_shape, make_attention
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.params import random_params
-from jaxpaged.runner import SAMPLER_VARIANTS, _forward_step
+from jaxpaged.models import quant
+from jaxpaged.runner import SAMPLER_VARIANTS, _forward_step, pick_fp8_ops
 from jaxpaged.sampler import sample
 from jaxpaged.sampling_params import MAX_LOGPROBS
 from jaxpaged.step_inputs import build_step_inputs
@@ -34,16 +35,18 @@ def control_flow(lowered) -> list[str]:
     return [op for op in CONTROL_FLOW if op in text]
 
 
-def lower_forward(backend: str, decode_only: bool = False):
+def lower_forward(backend: str, decode_only: bool = False, quantization: str | None = None):
     config = ModelConfig.from_hf_config(TINY)
     attention = make_attention(backend, platform="gpu", sm_scale=config.head_dim ** -0.5,
                                sliding_window=None, decode_only=decode_only)
-    forward = jax.jit(functools.partial(_forward_step, config=config, attention=attention))
+    forward = jax.jit(functools.partial(_forward_step, config=config, attention=attention,
+                                        fp8_ops=pick_fp8_ops("gpu", config, 1)))
     shape = get_kv_cache_shape(32, 16, config.num_kv_heads, config.head_dim)
     kv_pages = [jnp.zeros(shape, jnp.bfloat16)] * config.num_layers
     inputs = build_step_inputs([], [], token_bucket=16, max_num_seqs=MAX_NUM_SEQS,
                                pages_per_seq=PAGES_PER_SEQ, history_width=1)
-    return forward.trace(random_params(config, jnp.bfloat16), kv_pages, inputs.token_ids,
+    params = random_params(config, jnp.bfloat16, quantization=quantization)
+    return forward.trace(params, kv_pages, inputs.token_ids,
                          inputs.token_src, jnp.zeros(MAX_NUM_SEQS, jnp.int32),
                          inputs.attention).lower(lowering_platforms=("cuda",))
 
@@ -52,6 +55,15 @@ def test_gpu_forward_has_no_data_dependent_control_flow():
     assert control_flow(lower_forward("pallas")) == []
     assert control_flow(lower_forward("pallas", decode_only=True)) == []
     assert "stablehlo.while" in control_flow(lower_forward("reference"))  # the check sees loops
+
+
+def test_gpu_fp8_forward_has_no_data_dependent_control_flow(monkeypatch):
+    # e4m3 activations in the 16-token bucket: the FP8 GEMMs and the row kernels between them
+    monkeypatch.setattr(quant, "FP8_ACTIVATION_MIN_ROWS", 1)
+    lowered = lower_forward("pallas", quantization="fp8")
+    assert control_flow(lowered) == []
+    text = lowered.as_text()
+    assert all(name in text for name in ("swiglu_fp8", "add_rms_norm_fp8", "quantize_fp8"))
 
 
 @pytest.mark.parametrize("apply_penalties,with_logprobs,draw", SAMPLER_VARIANTS)

@@ -272,7 +272,9 @@ def test_echo_logprobs_with_generation(served, references):
     assert len(lp.tokens) == len(ids) + 4 and lp.token_logprobs[0] is None
     expected = ([entry[t] for t, entry in zip(ids[1:], ref.prompt_logprobs[1:])]
                 + [entry[t] for t, entry in zip(generated.token_ids, generated.logprobs)])
-    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    # The references ran both prompts in one batch, the server this one alone: another bucket's
+    # program, whose float32 sums may round differently (1.9e-5 seen on a 2-core CPU machine).
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
 
 
 def test_tokenize_detokenize(served):
