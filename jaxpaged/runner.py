@@ -267,8 +267,8 @@ def pick_fp8_ops(platform: str, config: ModelConfig, tensor_parallel_size: int) 
     return Fp8Ops(
         quantize=(fp8_kernels.quantize_fp8_gpu if ok(attention_width) and ok(config.hidden_size)
                   else fp8_kernels.quantize_rows),
-        swiglu=(functools.partial(fp8_kernels.swiglu_fp8_gpu, rows=1, num_warps=16)
-                if ok(config.intermediate_size) else fp8_kernels.swiglu_fp8_reference),
+        swiglu=(fp8_kernels.swiglu_fp8_gpu if ok(config.intermediate_size)
+                else fp8_kernels.swiglu_fp8_reference),
         add_rms_norm=(fp8_kernels.add_rms_norm_fp8_gpu if ok(config.hidden_size)
                       else fp8_kernels.add_rms_norm_fp8_reference))
 
