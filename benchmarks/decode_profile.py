@@ -91,7 +91,23 @@ def summarize(events: list[dict], steps: int, weight_bytes: int) -> dict:
         "top_kernels": [{"name": name[:120], "kind": kind_of(name), "ms_per_step": us / steps / 1e3,
                          "calls_per_step": count[name] / steps} for name, us in top],
         "layer_kernels": layer_kernels(events, steps),
+        **idle_gaps(events, steps),
     }
+
+
+def idle_gaps(events: list[dict], steps: int, threshold_us: float = 5.0, top: int = 12) -> dict:
+    """Where the idle time is: the gaps of `threshold_us` or more between one kernel's end (the
+    latest so far) and the next one's start, their total per step, and the largest of them with
+    the kernels on either side (step boundaries, host waits)."""
+    gaps, end, last = [], float("-inf"), None
+    for e in sorted(events, key=lambda e: e["ts"]):
+        if last is not None and e["ts"] - end >= threshold_us:
+            gaps.append({"us": e["ts"] - end, "after": last[:80], "before": e["name"][:80]})
+        if e["ts"] + e["dur"] >= end:
+            end, last = e["ts"] + e["dur"], e["name"]
+    return {"large_gaps_ms_per_step": sum(g["us"] for g in gaps) / steps / 1e3,
+            "large_gaps_per_step": len(gaps) / steps,
+            "largest_gaps": sorted(gaps, key=lambda g: -g["us"])[:top]}
 
 
 def layer_kernels(events: list[dict], steps: int) -> list[dict]:
@@ -143,19 +159,26 @@ def main(argv=None) -> int:
                              "engine benchmark configures")
     parser.add_argument("--decode-pages-per-iter", type=int, default=None,
                         help="experiment: the GPU decode kernel's pages per loop iteration")
+    parser.add_argument("--gemv-max-rows", type=int, default=None,
+                        help="experiment: buckets up to this many rows use the gpu_gemv kernels "
+                             "(0: XLA's GEMMs everywhere; default runner.GEMV_MAX_ROWS)")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     args = parser.parse_args(argv)
     args.argv = argv
+    from jaxpaged import runner
     from pallas_kernels import gpu
 
-    saved_defaults = dict(gpu.DECODE_DEFAULTS)
+    saved_defaults, saved_rows = dict(gpu.DECODE_DEFAULTS), runner.GEMV_MAX_ROWS
     if args.decode_pages_per_iter:  # traced into the programs below; restored on the way out
         gpu.DECODE_DEFAULTS["pages_per_iter"] = args.decode_pages_per_iter
+    if args.gemv_max_rows is not None:  # read when the runner is built
+        runner.GEMV_MAX_ROWS = args.gemv_max_rows
     try:
         return profile(args, config_for(args))
     finally:
         gpu.DECODE_DEFAULTS.update(saved_defaults)
+        runner.GEMV_MAX_ROWS = saved_rows
 
 
 def config_for(args):
@@ -222,6 +245,10 @@ def profile(args, config) -> int:
             for k in row["top_kernels"][:8]:
                 print(f"    {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:5.1f} {k['kind']:10s} "
                       f"{k['name'][:90]}")
+            print(f"  gaps >= 5 us: {row['large_gaps_per_step']:.1f} a step, "
+                  f"{row['large_gaps_ms_per_step']:.3f} ms; largest:")
+            for g in row["largest_gaps"][:6]:
+                print(f"    {g['us']:8.1f} us after {g['after'][:50]} before {g['before'][:50]}")
             print(f"  one layer, {len(row['layer_kernels'])} kernels (us, gap before):")
             for k in row["layer_kernels"]:
                 print(f"    {k['us']:7.2f} {k['gap_before_us']:6.2f} {k['kind']:10s} {k['name'][:80]}")

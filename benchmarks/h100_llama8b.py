@@ -86,6 +86,9 @@ def parse_args(argv=None):
     parser.add_argument("--prefix-output-len", type=int, default=32)
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds since the epoch after which optional parts are skipped")
+    parser.add_argument("--gemv-max-rows", type=int, default=None,
+                        help="experiment: buckets up to this many rows use the gpu_gemv kernels "
+                             "(0: XLA's GEMMs everywhere; default runner.GEMV_MAX_ROWS)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="rebuild the summary from the part files already in --out-dir")
@@ -298,6 +301,7 @@ def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jaxpaged import runner
     from jaxpaged.attention import resolve_backend
     from jaxpaged.bench.datasets import random_requests, shared_prefix_requests
     from jaxpaged.bench.throughput import engine_summary, run_offline
@@ -305,9 +309,12 @@ def run_jax(args) -> dict:
     from jaxpaged.model_source import resolve_model
     from jaxpaged.models.params import random_params
 
+    if args.gemv_max_rows is not None:  # read by every runner built below
+        runner.GEMV_MAX_ROWS = args.gemv_max_rows
     out = Path(args.out_dir)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "quantization": args.quantization, "attention_backend": resolve_backend(args.attention_backend, jax.devices()[0].platform)}
+              "quantization": args.quantization, "attention_backend": resolve_backend(args.attention_backend, jax.devices()[0].platform),
+              "gemv_max_rows": runner.GEMV_MAX_ROWS}
 
     def save():
         (out / "jax.json").write_text(json.dumps(report, indent=2))

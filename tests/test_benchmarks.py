@@ -281,6 +281,20 @@ def test_fp8_matmul_smoke(tmp_path):
                    for kind in ("bf16", "fp8", "fp8_weight_only"))
 
 
+def test_gemv_bench_smoke(tmp_path):
+    """The decode GEMV benchmark at tiny shapes in interpret mode: every op timed, XLA's chain and
+    the kernels' chain against the same floor."""
+    import gemv_bench
+
+    out = tmp_path / "gemv.json"
+    assert gemv_bench.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert sorted(row["op"] for row in report["ops"]) == sorted(gemv_bench.OPS)
+    assert all(row["us"] > 0 and row["weight_tb_s"] > 0 for row in report["ops"])
+    assert [row["variant"] for row in report["chains"]] == ["xla", "kernels_default"]
+    assert len({row["floor_us"] for row in report["chains"]}) == 1
+
+
 def test_tp_decode_step_smoke(tmp_path):
     """Issue 5's TP=1 vs TP=2 decode benchmark at tiny shapes on 2 fake CPU devices (a fresh
     interpreter: the device count is fixed when JAX starts)."""
@@ -334,6 +348,9 @@ def test_decode_profile_arithmetic_on_a_hand_made_trace(tmp_path):
     # 1 GB per step over 100 us of matmul per step
     assert summary["matmul_weight_bandwidth_tb_s"] == pytest.approx(10.0)
     assert summary["kernels_per_step"] == 2
+    # idle gaps of 5 us or more: 150 -> 200 and 220 -> 300 (the overlap at 50 is none)
+    assert summary["large_gaps_per_step"] == 1 and summary["large_gaps_ms_per_step"] == pytest.approx(0.065)
+    assert summary["largest_gaps"][0] == {"us": 80, "after": "loop_add_fusion", "before": "nvjet_sm90_tss"}
 
 
 def test_decode_profile_layer_kernels_are_one_layer_cycle():
@@ -394,10 +411,12 @@ def test_decode_profile_smoke(tmp_path, capsys):
 
     from pallas_kernels.gpu import DECODE_DEFAULTS
 
-    before = dict(DECODE_DEFAULTS)
+    from jaxpaged import runner
+
+    before, rows = dict(DECODE_DEFAULTS), runner.GEMV_MAX_ROWS
     assert decode_profile.main(["--smoke", "--out-dir", str(tmp_path), "--max-num-seqs", "8",
-                                "--decode-pages-per-iter", "2"]) == 0
-    assert DECODE_DEFAULTS == before  # the experiment's kernel setting does not leak
+                                "--decode-pages-per-iter", "2", "--gemv-max-rows", "16"]) == 0
+    assert DECODE_DEFAULTS == before and runner.GEMV_MAX_ROWS == rows  # experiment settings do not leak
     report = json.loads((tmp_path / "decode_profile.json").read_text())
     assert [row["batch"] for row in report["batches"]] == [1, 4]
     assert all(row["max_num_seqs"] == 8 for row in report["batches"])
