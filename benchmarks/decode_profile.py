@@ -159,26 +159,25 @@ def main(argv=None) -> int:
                              "engine benchmark configures")
     parser.add_argument("--decode-pages-per-iter", type=int, default=None,
                         help="experiment: the GPU decode kernel's pages per loop iteration")
-    parser.add_argument("--gemv-max-rows", type=int, default=None,
-                        help="experiment: buckets up to this many rows use the gpu_gemv kernels "
-                             "(0: XLA's GEMMs everywhere; default runner.GEMV_MAX_ROWS)")
+    parser.add_argument("--xla-split-merge", action="store_true",
+                        help="experiment: XLA merges the decode kernel's splits after it "
+                             "(attention.FUSED_SPLIT_MERGE off)")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     args = parser.parse_args(argv)
     args.argv = argv
-    from jaxpaged import runner
+    from jaxpaged import attention
     from pallas_kernels import gpu
 
-    saved_defaults, saved_rows = dict(gpu.DECODE_DEFAULTS), runner.GEMV_MAX_ROWS
+    saved_defaults, saved_merge = dict(gpu.DECODE_DEFAULTS), attention.FUSED_SPLIT_MERGE
+    attention.FUSED_SPLIT_MERGE = not args.xla_split_merge
     if args.decode_pages_per_iter:  # traced into the programs below; restored on the way out
         gpu.DECODE_DEFAULTS["pages_per_iter"] = args.decode_pages_per_iter
-    if args.gemv_max_rows is not None:  # read when the runner is built
-        runner.GEMV_MAX_ROWS = args.gemv_max_rows
     try:
         return profile(args, config_for(args))
     finally:
         gpu.DECODE_DEFAULTS.update(saved_defaults)
-        runner.GEMV_MAX_ROWS = saved_rows
+        attention.FUSED_SPLIT_MERGE = saved_merge
 
 
 def config_for(args):

@@ -86,9 +86,9 @@ def parse_args(argv=None):
     parser.add_argument("--prefix-output-len", type=int, default=32)
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds since the epoch after which optional parts are skipped")
-    parser.add_argument("--gemv-max-rows", type=int, default=None,
-                        help="experiment: buckets up to this many rows use the gpu_gemv kernels "
-                             "(0: XLA's GEMMs everywhere; default runner.GEMV_MAX_ROWS)")
+    parser.add_argument("--xla-split-merge", action="store_true",
+                        help="experiment: XLA merges the decode kernel's splits after it "
+                             "(attention.FUSED_SPLIT_MERGE off)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="rebuild the summary from the part files already in --out-dir")
@@ -301,7 +301,7 @@ def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxpaged import runner
+    from jaxpaged import attention as attention_module
     from jaxpaged.attention import resolve_backend
     from jaxpaged.bench.datasets import random_requests, shared_prefix_requests
     from jaxpaged.bench.throughput import engine_summary, run_offline
@@ -309,12 +309,11 @@ def run_jax(args) -> dict:
     from jaxpaged.model_source import resolve_model
     from jaxpaged.models.params import random_params
 
-    if args.gemv_max_rows is not None:  # read by every runner built below
-        runner.GEMV_MAX_ROWS = args.gemv_max_rows
+    attention_module.FUSED_SPLIT_MERGE = not args.xla_split_merge
     out = Path(args.out_dir)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "quantization": args.quantization, "attention_backend": resolve_backend(args.attention_backend, jax.devices()[0].platform),
-              "gemv_max_rows": runner.GEMV_MAX_ROWS}
+              "fused_split_merge": attention_module.FUSED_SPLIT_MERGE}
 
     def save():
         (out / "jax.json").write_text(json.dumps(report, indent=2))
@@ -514,14 +513,14 @@ def mixed_step_breakdown(args, params, config, dtype, matmul_flop_s: float) -> d
         return seconds
 
     row["forward_ms"] = 1e3 * timed(attention)
-    row["forward_without_attention_ms"] = 1e3 * timed(lambda q, k, v, kv, metadata, rope=None: (q, kv))
+    row["forward_without_attention_ms"] = 1e3 * timed(lambda q, k, v, kv, metadata, rope=None, counts=None: (q, kv, counts))
     q = jax.random.normal(jax.random.key(3), (budget, config.num_q_heads, config.head_dim), dtype)
     k = jax.random.normal(jax.random.key(4), (budget, config.num_kv_heads, config.head_dim), dtype)
     one_layer = jax.jit(attention, donate_argnums=(3,))
     state = {"kv": kv_pages[0]}
 
     def run_attention():
-        out, state["kv"] = one_layer(q, k, k, state["kv"], inputs.attention)
+        out, state["kv"], _ = one_layer(q, k, k, state["kv"], inputs.attention)
         out.block_until_ready()
 
     row["attention_ms"] = 1e3 * config.num_layers * median_seconds(run_attention, repeats)

@@ -9,11 +9,18 @@ path can be tested without an accelerator). `auto` resolves from the platform.
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import get_kv_cache_shape, ragged_paged_attention_reference
 from jaxpaged.config import ATTENTION_BACKENDS
 from jaxpaged.models.layers import apply_rope
 from jaxpaged.step_inputs import AttentionMetadata
+
+
+# The GPU decode-only kernel merges a split sequence's partials in the same launch (the last split
+# to finish merges; `gpu_decode.decode_only_attention`); False: XLA merges them after the kernel
+# (two more launches a layer), kept for comparisons (the benchmarks' --xla-split-merge).
+FUSED_SPLIT_MERGE = True
 
 
 def resolve_backend(name: str, platform: str) -> str:
@@ -50,10 +57,13 @@ def has_decode_only(name: str, platform: str) -> bool:
 
 def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window: int | None,
                    decode_only: bool = False):
-    """Returns attention(q, k, v, kv_pages, metadata, rope) -> (out, kv_pages) for the chosen
-    backend: q [T, Hq, D], k/v [T, Hkv, D], rope (cos, sin) [T, D] each or None. q and k arrive
-    unrotated; the rotary embedding is applied here, or, in the GPU decode-only kernel, inside
-    the kernel (which then reads q/k/v as rows of one concatenated array).
+    """Returns attention(q, k, v, kv_pages, metadata, rope, counts) -> (out, kv_pages, counts) for
+    the chosen backend: q [T, Hq, D], k/v [T, Hkv, D], rope (cos, sin) [T, D] each or None. q and
+    k arrive unrotated; the rotary embedding is applied here, or, in the GPU decode-only kernel,
+    inside the kernel (which then reads q/k/v as rows of one concatenated array). `counts` is
+    that kernel's split counters (it merges split sequences in the same launch; see
+    `gpu_decode.decode_only_attention`): pass None to the first layer and each layer's returned
+    counts to the next, so one zeroed buffer serves a whole step; other backends return None.
 
     decode_only: the function only ever sees steps whose every sequence has one query token
     (`has_decode_only` says whether the backend does anything different then)."""
@@ -74,7 +84,7 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
     # per module, and XLA inlines it). Unwrapped, the kernels were traced and lowered to Triton IR
     # again for each of the 32 layers of an 8B model: ~9 s per token bucket on this CPU.
     @jax.jit
-    def layer_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, rope):
+    def layer_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, rope, counts):
         chosen, in_kernel = op, fused_rope
         if name == "auto" and platform == "gpu":
             from pallas_kernels.gpu import compiled_supports
@@ -84,14 +94,19 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
             if not compiled_supports(kv_pages.shape[1], kv_pages.shape[3]):
                 chosen, in_kernel = reference, False
         if rope is not None and in_kernel:
-            return chosen(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, rope=rope)
+            if not FUSED_SPLIT_MERGE:
+                return (*chosen(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, rope=rope), counts)
+            if counts is None:  # the first layer: one counter per token and KV head, zeroed
+                counts = jnp.zeros(q.shape[0] * k.shape[1], jnp.int32)
+            return chosen(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, rope=rope,
+                          counts=counts)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return chosen(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+        return (*chosen(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs), counts)
 
-    def attention(q, k, v, kv_pages, metadata: AttentionMetadata, rope=None):
+    def attention(q, k, v, kv_pages, metadata: AttentionMetadata, rope=None, counts=None):
         return layer_attention(q, k, v, kv_pages, metadata.kv_lens, metadata.page_indices,
-                               metadata.cu_q_lens, metadata.num_seqs, rope)
+                               metadata.cu_q_lens, metadata.num_seqs, rope, counts)
 
     return attention
 

@@ -22,7 +22,6 @@ import numpy as np
 
 from jaxpaged.attention import get_kv_cache_shape, has_decode_only, make_attention
 from jaxpaged.config import ModelConfig
-from jaxpaged.models.layers import GemvOps
 from jaxpaged.models.llama import forward, token_logprobs
 from jaxpaged.models.params import param_shardings
 from jaxpaged.models.quant import Fp8Ops, fp8_compiler_options
@@ -31,7 +30,6 @@ from jaxpaged.sampling_params import DRAW_KINDS, MAX_LOGPROBS
 from jaxpaged.sharding import ShardingPlan
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
 from pallas_kernels import fp8_activations as fp8_kernels
-from pallas_kernels import gpu_gemv
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -102,9 +100,8 @@ class ModelRunner:
         params_sharding = param_shardings(self.plan, quantization)
         kv_shardings = [kv_sharding] * config.num_layers
         fp8_ops = pick_fp8_ops(platform, config, self.plan.tensor_parallel_size)
-        gemv_ops = pick_gemv_ops(platform, config, self.plan.tensor_parallel_size, quantization)
         self._forward, self._forward_decode = (jax.jit(
-            functools.partial(_forward_step, config=config, fp8_ops=fp8_ops, gemv_ops=gemv_ops,
+            functools.partial(_forward_step, config=config, fp8_ops=fp8_ops,
                               attention=self.plan.shard_attention(attention(decode_only=decode_only))),
             in_shardings=(params_sharding, kv_shardings, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shardings), donate_argnames=("kv_pages",))
@@ -247,39 +244,13 @@ class ModelRunner:
 
 
 def _forward_step(params, kv_pages, token_ids, token_src, last_token_ids, metadata, *, config,
-                  attention, fp8_ops: Fp8Ops = Fp8Ops(), gemv_ops: GemvOps | None = None):
+                  attention, fp8_ops: Fp8Ops = Fp8Ops()):
     """The forward pass, first taking each token with `token_src >= 0` from the previous step's
     sampled ids (`last_token_ids` [S], still on the device)."""
     from_last = last_token_ids[jnp.maximum(token_src, 0)]
     token_ids = jnp.where(token_src >= 0, from_last, token_ids)
     return forward(params, kv_pages, token_ids, metadata, config=config, attention=attention,
-                   fp8_ops=fp8_ops, gemv_ops=gemv_ops)
-
-
-# Token buckets up to this many rows run their linear layers as `gpu_gemv` kernels on a GPU: none.
-# On an H100 the kernels lost to XLA's GEMMs (a batch-1 decode step 10.2 ms against 5.9 with the
-# untuned first configs; eight layers without attention 180 against 168 us a layer tuned:
-# benchmarks/results/h100_session15.md). `--gemv-max-rows` of the benchmarks turns them on.
-GEMV_MAX_ROWS = 0
-
-
-def pick_gemv_ops(platform: str, config: ModelConfig, tensor_parallel_size: int,
-                  quantization: str | None, max_rows: int | None = None) -> GemvOps | None:
-    """Decode-sized linear layers (`pallas_kernels.gpu_gemv`) for the buckets of up to
-    `max_rows` (default GEMV_MAX_ROWS, now 0) tokens on an NVIDIA GPU, or None (XLA's GEMMs). In
-    a batch-1 step XLA runs 13 kernels a layer, 8 of them small ones around its GEMMs; these fold
-    the norms, SiLU x up, the residual adds and the split-K reductions into the GEMMs (7 a
-    layer), but read the q/k/v and o weights too slowly to gain. Not under tensor parallelism (the row-parallel GEMMs need XLA's all-reduce after
-    them, and a norm's sum of squares spans devices), nor for FP8 weights."""
-    max_rows = GEMV_MAX_ROWS if max_rows is None else max_rows
-    if platform != "gpu" or tensor_parallel_size != 1 or quantization or max_rows < 1:
-        return None
-    widths = (config.num_q_heads * config.head_dim, config.num_kv_heads * config.head_dim,
-              config.intermediate_size, config.hidden_size)
-    if not gpu_gemv.supported(1, min(config.hidden_size, config.intermediate_size), widths):
-        return None
-    return GemvOps(rms_norm_matmul=gpu_gemv.rms_norm_matmul_gpu, rms_norm_swiglu=gpu_gemv.rms_norm_swiglu_gpu,
-                   matmul_add=gpu_gemv.matmul_add_gpu, max_rows=min(max_rows, gpu_gemv.MAX_ROWS))
+                   fp8_ops=fp8_ops)
 
 
 def pick_fp8_ops(platform: str, config: ModelConfig, tensor_parallel_size: int) -> Fp8Ops:

@@ -157,18 +157,20 @@ class ShardingPlan:
         return jax.make_array_from_callback(array.shape, self.sharding(logical_axes), block)
 
     def shard_attention(self, attention):
-        """Runs attention(q, k, v, kv_pages, metadata, rope) per device on that device's heads
-        (the rope tables, like the metadata, whole on every device).
+        """Runs attention(q, k, v, kv_pages, metadata, rope, counts) per device on that device's
+        heads (the rope tables, like the metadata, whole on every device; the decode kernel's
+        counters, one block per device).
 
         check_vma is off because backends are opaque ops (Pallas kernels carry no
         varying-manual-axes rules); the specs below state exactly what varies per device.
         """
         heads = P(None, MODEL, None)  # [T, H, D] split over heads
         pages = partition_spec(KV_PAGES_AXES, self.rules)
-        sharded = jax.shard_map(lambda q, k, v, kv, metadata, rope: attention(q, k, v, kv, metadata, rope=rope),
-                                mesh=self.mesh, in_specs=(heads, heads, heads, pages, P(), P()),
-                                out_specs=(heads, pages), check_vma=False)
-        return lambda q, k, v, kv, metadata, rope=None: sharded(q, k, v, kv, metadata, rope)
+        sharded = jax.shard_map(
+            lambda q, k, v, kv, metadata, rope, counts: attention(q, k, v, kv, metadata, rope=rope, counts=counts),
+            mesh=self.mesh, in_specs=(heads, heads, heads, pages, P(), P(), P(MODEL)),
+            out_specs=(heads, pages, P(MODEL)), check_vma=False)
+        return lambda q, k, v, kv, metadata, rope=None, counts=None: sharded(q, k, v, kv, metadata, rope, counts)
 
 
 def head_layout(num_q_heads: int, num_kv_heads: int, tp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

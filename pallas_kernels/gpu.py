@@ -231,6 +231,7 @@ def ragged_paged_attention_gpu(
     decode_impl: str = "pallas",
     decode_only: bool = False,
     rope=None,  # None or (cos, sin), each [T, head_dim] float32; decode_only only
+    counts=None,  # None or int32 zeros [>= T * num_kv_heads]; decode_only only
     interpret: bool = False,
 ):
     """Writes k/v into kv_pages, then attends; returns (out [T, Hq, D] in q.dtype, new kv_pages).
@@ -284,7 +285,10 @@ def ragged_paged_attention_gpu(
             raise ValueError(f"decode_only=True runs the Pallas decode kernel, got decode_impl={decode_impl!r}")
         return decode_only_attention(
             q, k, v, kv_pages, kv_lens, page_indices, num_seqs, sm_scale=sm_scale,
-            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, rope=rope, **dec)
+            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, rope=rope,
+            counts=counts, **dec)
+    if counts is not None:
+        raise ValueError("counts= is only used by the decode-only kernel (decode_only=True)")
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2

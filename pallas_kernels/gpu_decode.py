@@ -8,7 +8,10 @@ so it is bound by HBM bandwidth, and what matters is keeping enough loads in fli
 - When slots x kv heads is too small to fill the GPU, each sequence's pages are cut into
   contiguous ranges, one per program; each writes a float32 partial output and its log-sum-exp,
   and a small jnp step merges the splits (XLA makes two ~1.7 us kernels of it; one Pallas merge
-  kernel took as long, 3.3 us, on the H200). The grid has room for `num_splits` ranges; how many
+  kernel took as long, 3.3 us, on the H200). The decode-only kernel can merge them itself (the
+  last split of a head to finish merges, found with an atomic counter): on the H100 a batch-1
+  step then runs 374 kernels instead of 438 and took 5.87 ms against 5.93 in the same lease
+  (benchmarks/results/h100_session15.md). The grid has room for `num_splits` ranges; how many
   are used is data (`gpu_splits.split_count`): enough to fill one wave of resident programs (`wave_size`,
   from the shared memory a program's pipeline takes) for the slots that hold a sequence, so a
   batch-1 step in a 16-slot bucket splits like a 1-slot grid (the spare programs read nothing);
@@ -216,7 +219,8 @@ def merge_splits(out, lse):
 
 def _decode_only_kernel(meta_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, sin_ref, kv_in_ref,
                         *refs, num_tokens, group, num_q_heads, num_kv_heads, page_size, num_pages,
-                        pages_per_iter, num_splits, sliding_window, rope, **attend):
+                        pages_per_iter, num_splits, sliding_window, rope, fused_merge, num_working,
+                        interpret, **attend):
     """A flat grid: program p is (token, kv head, split) for the splits this step uses, token
     slowest, so the working programs come first and the grid holds only as many as the busiest
     sequence count needs (`decode_only_programs`). Token t is sequence t's only query; its q,
@@ -226,8 +230,20 @@ def _decode_only_kernel(meta_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, sin_
     it to its softmax (on the H100 a `where` over every K/V tile to swap it in cost 3-5% at long
     contexts). Programs past the sequences in use do nothing, except that with one split
     (outputs stored directly) a padding token's programs store its zero rows. meta_ref holds
-    (sequences in use, splits used)."""
-    o_ref, lse_ref, kv_ref = refs if num_splits > 1 else (refs[0], None, refs[1])
+    (sequences in use, splits used).
+
+    With `fused_merge` (several splits), the partials are merged here rather than by XLA after
+    the launch: each program stores its partial, then counts itself in its (token, head)'s
+    counter; the one that arrives last reads every split's partial back and stores the row, and
+    sets the counter back to zero for the next launch. The `num_working` programs of the grid
+    come first; after them, one program per (token, head) stores the zero rows of padding
+    tokens."""
+    if fused_merge:
+        counts_in_ref, out_ref, o_ref, lse_ref, kv_ref, counts_ref = refs
+        del counts_in_ref  # the same buffer as counts_ref (aliased)
+    else:
+        o_ref, lse_ref, kv_ref = refs if num_splits > 1 else (refs[0], None, refs[1])
+        out_ref = counts_ref = None
     del kv_in_ref  # the same buffer as kv_ref (aliased)
     num_seqs_max, pages_per_seq = pages_ref.shape
     head_dim = qkv_ref.shape[-1]
@@ -284,17 +300,68 @@ def _decode_only_kernel(meta_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, sin_
             base = ((t * num_splits + split) * num_kv_heads + h) * group  # [T, splits, Hkv, group] rows
             plgpu.store(o_ref.at[pl.ds(base, m_rows), :], out, mask=mask)
             plgpu.store(lse_ref.at[pl.ds(base, m_rows)], lse, mask=g[:, 0] < group)
+        if fused_merge:
+            # Every thread's stores are done (barrier) and released (the atomic is acq_rel at GPU
+            # scope) before the count; the last arrival acquires them all. (Interpret mode runs
+            # the programs one after another and has no barrier.)
+            if not interpret:
+                plgpu.debug_barrier()
+            arrived = plgpu.atomic_add(counts_ref, t * num_kv_heads + h, jnp.int32(1))
 
-    if lse_ref is None:
+            @pl.when(arrived == used_splits - 1)
+            def _():
+                if not interpret:
+                    plgpu.debug_barrier()
+                row = (t * num_splits * num_kv_heads + h) * group  # split 0's first row
+                rows = _next_pow2(group)  # the group's rows only (the dot tile's padding is not stored)
+                merged = _merge_partials(o_ref, lse_ref, row, num_kv_heads * group, used_splits, num_splits,
+                                         rows, group)
+                plgpu.store(out_ref.at[pl.ds(first_row, rows), :], merged.astype(out_ref.dtype),
+                            mask=lax.broadcasted_iota(jnp.int32, merged.shape, 0) < group)
+                counts_ref[t * num_kv_heads + h] = jnp.int32(0)
+
+    if fused_merge:  # the zero rows of padding tokens, one program per (token, head)
+        pad = program - num_working
+        pad_t, pad_h = pad // num_kv_heads, pad % num_kv_heads
+
+        @pl.when((pad >= 0) & (pad_t >= n) & (pad_t < num_tokens))
+        def _():
+            plgpu.store(out_ref.at[pl.ds(pad_t * num_q_heads + pad_h * group, m_rows), :],
+                        jnp.zeros((m_rows, head_dim), out_ref.dtype),
+                        mask=jnp.broadcast_to(g < group, (m_rows, head_dim)))
+    elif lse_ref is None:
         @pl.when(t >= n)
         def _():
             plgpu.store(o_ref.at[pl.ds(first_row, m_rows), :], jnp.zeros((m_rows, head_dim), o_ref.dtype),
                         mask=jnp.broadcast_to(g < group, (m_rows, head_dim)))
 
 
+def _merge_partials(o_ref, lse_ref, first_row, split_stride, used_splits, num_splits, m_rows, group):
+    """The rows [m_rows, D] merged from `used_splits` (<= num_splits) partials (out and log-sum-exp)
+    stored at rows first_row + s * split_stride, each weighted by exp(lse_s - max); splits
+    without keys (lse -inf) weigh nothing. Every split's loads are issued at once (unrolled, the
+    unused ones masked): a loop of dependent iterations cost ~3 us a layer at batch 1 on the
+    H100. Other SMs wrote the partials, and another merge on this SM may have read the same
+    cache lines before they were written: the loads are volatile, so L1 is not used."""
+    head_dim = o_ref.shape[-1]
+    keep = lax.broadcasted_iota(jnp.int32, (m_rows,), 0) < group
+    lses, parts = [], []
+    for s in range(num_splits):
+        row, used = first_row + s * split_stride, s < used_splits
+        lses.append(plgpu.load(lse_ref.at[pl.ds(row, m_rows)], mask=keep & used, other=-jnp.inf, volatile=True))
+        parts.append(plgpu.load(o_ref.at[pl.ds(row, m_rows), :], other=0.0, volatile=True,
+                                mask=jnp.broadcast_to((keep & used)[:, None], (m_rows, head_dim))))
+    top = functools.reduce(jnp.maximum, lses)
+    top = jnp.where(top > -jnp.inf, top, 0.0)
+    weights = [jnp.exp(lse - top) for lse in lses]  # [M] each; 0 for unused splits
+    total = functools.reduce(jnp.add, weights)
+    acc = functools.reduce(jnp.add, [w[:, None] * part for w, part in zip(weights, parts)])
+    return acc / jnp.where(total > 0, total, 1.0)[:, None]
+
+
 def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *, sm_scale,
                           sliding_window, soft_cap, pages_per_iter, num_splits, num_warps,
-                          num_stages, interpret, rope=None, min_splits=None):
+                          num_stages, interpret, rope=None, min_splits=None, counts=None):
     """The whole op for a batch whose every sequence has one query token, token i being sequence
     i's (cu_q_lens == arange): one launch that writes the new K/V and attends, plus the split
     merge when the grid splits. rope: None, or (cos, sin) [T, D] float32 tables with which the
@@ -302,7 +369,12 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
 
     q, k and v go in as one [T * (Hq + 2 Hkv), D] array of rows: XLA merges the q/k/v
     projections into one matmul and fuses this concatenation into it (into its split-K
-    reduction at batch 1), so no copy is made."""
+    reduction at batch 1), so no copy is made.
+
+    counts: None, or int32 zeros [>= T * Hkv]: then a grid with several splits merges them in
+    the kernel (`_decode_only_kernel`'s fused_merge), with no merge launches after it, and
+    returns (out, kv_pages, counts), counts zeros again (thread them through every layer's
+    call, so one buffer serves them all)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
@@ -333,33 +405,53 @@ def decode_only_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, *,
         cos = sin = jnp.zeros((1, head_dim), jnp.float32)  # not read
     else:
         cos, sin = (table.astype(jnp.float32) for table in rope)
+    fused_merge = counts is not None and grid_splits > 1
+    out_shape = []
+    if fused_merge:
+        if counts.dtype != jnp.int32 or counts.shape[0] < num_tokens * num_kv_heads:
+            raise ValueError(f"counts must be int32 zeros of at least {num_tokens * num_kv_heads} "
+                             f"entries, got {counts.dtype} {counts.shape}")
+        out_shape.append(jax.ShapeDtypeStruct((max(rows, m_rows), head_dim), q.dtype))
     if grid_splits > 1:
         partial_rows = num_tokens * grid_splits * num_kv_heads * group
         # m_rows spare rows: the last program's masked tile stays in bounds.
-        out_shape = [jax.ShapeDtypeStruct((partial_rows + m_rows, head_dim), jnp.float32),
-                     jax.ShapeDtypeStruct((partial_rows + m_rows,), jnp.float32)]
+        out_shape += [jax.ShapeDtypeStruct((partial_rows + m_rows, head_dim), jnp.float32),
+                      jax.ShapeDtypeStruct((partial_rows + m_rows,), jnp.float32)]
     else:
-        out_shape = [jax.ShapeDtypeStruct((max(rows, m_rows), head_dim), q.dtype)]
+        out_shape.append(jax.ShapeDtypeStruct((max(rows, m_rows), head_dim), q.dtype))
+    num_working = decode_only_programs(num_tokens, page_indices.shape[0], num_kv_heads, grid_splits,
+                                       num_splits, wave, min_splits)
     kernel = functools.partial(
         _decode_only_kernel, num_tokens=num_tokens, group=group, num_q_heads=num_q_heads,
         num_kv_heads=num_kv_heads, page_size=page_size, num_pages=num_pages,
         pages_per_iter=pages_per_iter, num_splits=grid_splits, sliding_window=sliding_window, rope=rope is not None, sm_scale=sm_scale, soft_cap=soft_cap,
-        exact=q.dtype == jnp.float32)
+        exact=q.dtype == jnp.float32, fused_merge=fused_merge, num_working=num_working,
+        interpret=bool(interpret))
     whole = pl.BlockSpec()
-    *res, kv_pages = pl.pallas_call(
+    inputs = [meta, kv_lens, page_indices, qkv, cos, sin, kv_pages] + ([counts] if fused_merge else [])
+    out_shape.append(jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype))
+    aliases = {6: len(out_shape) - 1}
+    if fused_merge:
+        out_shape.append(jax.ShapeDtypeStruct(counts.shape, counts.dtype))
+        aliases[7] = len(out_shape) - 1
+    res = pl.pallas_call(
         kernel,
-        grid=(decode_only_programs(num_tokens, page_indices.shape[0], num_kv_heads, grid_splits,
-                                   num_splits, wave, min_splits),),
-        in_specs=[whole] * 7,
-        out_specs=[whole] * (len(out_shape) + 1),
-        out_shape=[*out_shape, jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)],
-        input_output_aliases={6: len(out_shape)},
+        grid=(num_working + (num_tokens * num_kv_heads if fused_merge else 0),),
+        in_specs=[whole] * len(inputs),
+        out_specs=[whole] * len(out_shape),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_paged_attention_gpu_decode_only",
-    )(meta, kv_lens, page_indices, qkv, cos, sin, kv_pages)
+    )(*inputs)
+    if fused_merge:
+        out, _, _, kv_pages, counts = res
+        return out[:rows].reshape(num_tokens, num_q_heads, head_dim), kv_pages, counts
+    *res, kv_pages = res
     if grid_splits == 1:
-        return res[0][:rows].reshape(num_tokens, num_q_heads, head_dim), kv_pages
+        out = res[0][:rows].reshape(num_tokens, num_q_heads, head_dim)
+        return (out, kv_pages) if counts is None else (out, kv_pages, counts)
     # Rows no program stored (padding tokens, splits past the ones used) are garbage: masked.
     stored = (jnp.arange(grid_splits)[None, :] < used) & (jnp.arange(num_tokens)[:, None] < n)  # [T, splits]
     out = res[0][:partial_rows].reshape(num_tokens, grid_splits, num_kv_heads, group, head_dim)

@@ -281,20 +281,6 @@ def test_fp8_matmul_smoke(tmp_path):
                    for kind in ("bf16", "fp8", "fp8_weight_only"))
 
 
-def test_gemv_bench_smoke(tmp_path):
-    """The decode GEMV benchmark at tiny shapes in interpret mode: every op timed, XLA's chain and
-    the kernels' chain against the same floor."""
-    import gemv_bench
-
-    out = tmp_path / "gemv.json"
-    assert gemv_bench.main(["--smoke", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert sorted(row["op"] for row in report["ops"]) == sorted(gemv_bench.OPS)
-    assert all(row["us"] > 0 and row["weight_tb_s"] > 0 for row in report["ops"])
-    assert [row["variant"] for row in report["chains"]] == ["xla", "kernels_default"]
-    assert len({row["floor_us"] for row in report["chains"]}) == 1
-
-
 def test_tp_decode_step_smoke(tmp_path):
     """Issue 5's TP=1 vs TP=2 decode benchmark at tiny shapes on 2 fake CPU devices (a fresh
     interpreter: the device count is fixed when JAX starts)."""
@@ -411,12 +397,12 @@ def test_decode_profile_smoke(tmp_path, capsys):
 
     from pallas_kernels.gpu import DECODE_DEFAULTS
 
-    from jaxpaged import runner
+    from jaxpaged import attention
 
-    before, rows = dict(DECODE_DEFAULTS), runner.GEMV_MAX_ROWS
+    before = dict(DECODE_DEFAULTS)
     assert decode_profile.main(["--smoke", "--out-dir", str(tmp_path), "--max-num-seqs", "8",
-                                "--decode-pages-per-iter", "2", "--gemv-max-rows", "16"]) == 0
-    assert DECODE_DEFAULTS == before and runner.GEMV_MAX_ROWS == rows  # experiment settings do not leak
+                                "--decode-pages-per-iter", "2", "--xla-split-merge"]) == 0
+    assert DECODE_DEFAULTS == before and attention.FUSED_SPLIT_MERGE  # experiment settings do not leak
     report = json.loads((tmp_path / "decode_profile.json").read_text())
     assert [row["batch"] for row in report["batches"]] == [1, 4]
     assert all(row["max_num_seqs"] == 8 for row in report["batches"])

@@ -58,6 +58,8 @@ def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4
                       page_size=page_size, dtype=dtype, pad_tokens=kw.pop("pad_tokens", 0),
                       pad_seqs=kw.pop("pad_seqs", 0))
     decode, decode_only = kw.pop("decode", None), kw.pop("decode_only", False)
+    # fused_merge: the split merge inside the decode-only kernel, with the counters it leaves zero
+    counts = jnp.zeros(args[0].shape[0] * num_kv_heads + 3, jnp.int32) if kw.pop("fused_merge", False) else None
     rope = None
     if kw.pop("rope", False):  # the op rotates q and k itself: the reference gets them rotated
         rng = np.random.default_rng(1)  # any tables, so halves and signs mixed up would show
@@ -65,10 +67,12 @@ def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4
         ref_args = (rotate_half(args[0], *rope), rotate_half(args[1], *rope), *args[2:])
     static = dict(sm_scale=head_dim**-0.5, **kw)
     want, want_kv = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **static))(*(ref_args if rope else args))
-    got, got_kv = jax.jit(lambda *a: ragged_paged_attention_gpu(
+    got, got_kv, *got_counts = jax.jit(lambda *a: ragged_paged_attention_gpu(
         *a, q_block_size=q_block_size, kv_block_size=kv_block_size, decode=decode, decode_only=decode_only,
-        rope=rope, interpret=interpret,
+        rope=rope, interpret=interpret, counts=counts,
         **static))(*args)
+    if counts is not None:
+        assert np.asarray(got_counts[0]).tolist() == [0] * counts.shape[0]
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=atol, rtol=atol)
@@ -192,11 +196,12 @@ DECODE_ONLY_CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused_merge", [False, True], ids=["xla_merge", "fused_merge"])
 @pytest.mark.parametrize("seqs,heads,head_dim,page_size,opts", DECODE_ONLY_CASES)
-def test_interpret_decode_only_matches_reference(seqs, heads, head_dim, page_size, opts):
+def test_interpret_decode_only_matches_reference(seqs, heads, head_dim, page_size, opts, fused_merge):
     # Padding tokens and sequences past num_seqs; unused cache slots hold NaN. The new K/V is
     # written by the decode kernel itself: the cache must equal the reference's bit for bit.
-    opts = {"pad_tokens": 2, **opts}
+    opts = {"pad_tokens": 2, "fused_merge": fused_merge, **opts}
     check_against_reference(seqs, interpret=True, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
                             page_size=page_size, pad_seqs=1, decode_only=True, **opts)
 
@@ -241,7 +246,8 @@ def test_compiled_matches_reference(dtype, atol, seqs, page_size, heads, head_di
 @pytest.mark.parametrize("page_size,heads,head_dim,kw", [
     (16, (32, 8), 128, {}), (64, (9, 3), 64, dict(sliding_window=100)), (64, (32, 8), 128, dict(soft_cap=30.0)),
     (128, (16, 4), 128, {}), (32, (8, 2), 256, dict(decode_only=True)),
-    (64, (32, 8), 128, dict(decode_only=True, rope=True))])
+    (64, (32, 8), 128, dict(decode_only=True, rope=True)),
+    (64, (32, 8), 128, dict(decode_only=True, rope=True, fused_merge=True))])
 def test_compiled_kernels_lower_for_cuda_on_any_host(page_size, heads, head_dim, kw):
     # Pallas' Triton lowering runs when the program is lowered, on any host: the compiled
     # geometries lower for CUDA here, so a lowering error (session 12's first page-slice prefill
@@ -251,9 +257,12 @@ def test_compiled_kernels_lower_for_cuda_on_any_host(page_size, heads, head_dim,
     args = make_batch(seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
                       page_size=page_size, dtype=jnp.bfloat16, pad_tokens=3, pad_seqs=1)
     tables = tuple(jnp.ones((args[0].shape[0], head_dim), jnp.float32) for _ in "cs") if rope else None
+    counts = jnp.zeros(args[0].shape[0] * heads[1], jnp.int32) if kw.pop("fused_merge", False) else None
     op = jax.jit(lambda *a: ragged_paged_attention_gpu(*a, sm_scale=head_dim**-0.5, decode_only=decode_only,
-                                                       rope=tables, **kw))
+                                                       rope=tables, counts=counts, **kw))
     text = op.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    if counts is not None:  # the merge's atomic and barriers are in the kernel
+        assert "atomic_rmw" in text or "atom" in text.lower()
     kernels = ["decode_only"] if decode_only else ["kv_write", "prefill", "decode"]
     assert all(f"ragged_paged_attention_gpu_{name}" in text for name in kernels)
 
@@ -273,9 +282,10 @@ def test_compiled_options(kw):
     (16, (32, 8), 128, {}), (64, (9, 3), 64, dict(sliding_window=100)), (128, (16, 4), 128, dict(soft_cap=30.0)),
     (64, (32, 8), 128, dict(decode=dict(num_splits=1))), (64, (32, 8), 128, dict(rope=True)),
     (16, (9, 3), 64, dict(rope=True, decode=dict(num_splits=1)))])
-def test_compiled_decode_only_matches_reference(dtype, atol, page_size, heads, head_dim, kw):
+@pytest.mark.parametrize("fused_merge", [False, True], ids=["xla_merge", "fused_merge"])
+def test_compiled_decode_only_matches_reference(dtype, atol, page_size, heads, head_dim, kw, fused_merge):
     seqs = [(1, n) for n in (100, 513, 2000, 1, 64, 4096)]
     check_against_reference(seqs, interpret=False, dtype=dtype, atol=atol, num_q_heads=heads[0],
                             num_kv_heads=heads[1], head_dim=head_dim, page_size=page_size, pad_tokens=3,
-                            pad_seqs=2, decode_only=True, **kw)
+                            pad_seqs=2, decode_only=True, fused_merge=fused_merge, **kw)
 

@@ -46,7 +46,7 @@ def test_auto_on_gpu_falls_back_for_geometries_the_kernel_cannot_compile():
         num_seqs=jnp.array([1], jnp.int32), logits_indices=jnp.array([0], jnp.int32))
     rng = np.random.default_rng(0)
     args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((1, 2, 80), (1, 1, 80), (1, 1, 80), (2, 16, 2, 80))]
-    got, _ = make_attention("auto", platform="gpu", sm_scale=0.1, sliding_window=None)(*args, metadata)
+    got, _, _ = make_attention("auto", platform="gpu", sm_scale=0.1, sliding_window=None)(*args, metadata)
     want, _ = ragged_paged_attention_reference(*args, metadata.kv_lens, metadata.page_indices,
                                                metadata.cu_q_lens, metadata.num_seqs, sm_scale=0.1)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

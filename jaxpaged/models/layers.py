@@ -1,8 +1,6 @@
 """Layers shared by every model family: RMSNorm, rotary embeddings, the SwiGLU MLP."""
 
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,45 +53,17 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
-class GemvOps(NamedTuple):
-    """Decode-sized linear layers with the ops around them inside (`pallas_kernels.gpu_gemv`,
-    picked by `runner.pick_gemv_ops`), for steps of at most `max_rows` token rows: the forward
-    then keeps norms (`NormedRows`) and output projections (`PendingProduct`) unevaluated until
-    the kernel that folds them in."""
-    rms_norm_matmul: Callable  # (x [T, K], norm [K], (w [K, N_i], ...), eps=) -> [T, sum N_i]
-    rms_norm_swiglu: Callable  # (x [T, K], norm [K], gate_up [K, 2, F], eps=) -> [T, F]
-    matmul_add: Callable  # (x [T, K], w [K, N], residual [T, N]) -> residual + x @ w
-    max_rows: int
-
-
-class NormedRows(NamedTuple):
-    """RMSNorm(x), not yet computed: the GEMM that reads it applies the norm (`GemvOps`)."""
-    x: Any  # [T, D]
-    weight: Any  # [D]
-    eps: float
-    ops: GemvOps
-
-
-class PendingProduct(NamedTuple):
-    """x @ w, not yet computed: the residual add multiplies it in (`GemvOps.matmul_add`)."""
-    x: Any  # [T, K]
-    w: Any  # [K, N]
-    ops: GemvOps
-
-
-def add_rms_norm(x, delta, weight, eps: float, *, quantize: bool, ops: Fp8Ops, gemv: GemvOps | None = None):
+def add_rms_norm(x, delta, weight, eps: float, *, quantize: bool, ops: Fp8Ops):
     """The residual add and the norm after it: returns (x + delta, RMSNorm of that).
 
     x [T, D] is the residual stream; delta what a block adds to it (None before the first
-    layer, an array, an output projection's raw `Fp8Product`, or a `PendingProduct`). With
-    `quantize` (the next GEMM takes e4m3 rows) the normed rows come back as `Fp8Rows`, in one
-    op after an FP8 projection (`ops.add_rms_norm`); with `gemv`, as `NormedRows`."""
+    layer, an array, or an output projection's raw `Fp8Product`). With `quantize` (the next
+    GEMM takes e4m3 rows) the normed rows come back as `Fp8Rows`, in one op after an FP8
+    projection (`ops.add_rms_norm`)."""
     if quantize and isinstance(delta, Fp8Product):
         x, h, h_scale = ops.add_rms_norm(x, delta.raw, delta.x_scale, delta.w_scale, weight, eps=eps)
         return x, Fp8Rows(h, h_scale, x.dtype)
     x = add(x, delta)
-    if gemv is not None:
-        return x, NormedRows(x, weight, eps, gemv)
     h = rms_norm(x, weight, eps)
     return x, (Fp8Rows(*ops.quantize(h), x.dtype) if quantize else h)
 
@@ -102,28 +72,13 @@ def add(x, delta):
     """x + delta, for any delta `add_rms_norm` takes."""
     if delta is None:
         return x
-    if isinstance(delta, PendingProduct):
-        return delta.ops.matmul_add(delta.x, delta.w, x)
     return x + (delta.scaled() if isinstance(delta, Fp8Product) else delta)
 
 
-def linears(h, weights) -> tuple:
-    """h [T, K] (or `Fp8Rows`, `NormedRows`) times each of `weights` [K, N_i]: one launch for them
-    all on `NormedRows`."""
-    if not isinstance(h, NormedRows):
-        return tuple(linear(h, w) for w in weights)
-    y = h.ops.rms_norm_matmul(h.x, h.weight, tuple(weights), eps=h.eps)  # [T, sum N_i]
-    bounds = np.cumsum([0] + [w.shape[1] for w in weights])
-    return tuple(y[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
-
-
 def swiglu_mlp(h, gate_up_proj, down_proj, ops: Fp8Ops):
-    """h [T, D] (or `Fp8Rows`, `NormedRows`); gate_up_proj [D, 2, F] (gate, up); down_proj [F, D]
-    (or their fp8 forms). Returns [T, D], or on e4m3 rows the down GEMM's raw `Fp8Product`, on
-    `NormedRows` the down GEMM as a `PendingProduct`."""
+    """h [T, D] (or `Fp8Rows`); gate_up_proj [D, 2, F] (gate, up); down_proj [F, D] (or their fp8
+    forms). Returns [T, D], or on e4m3 rows the down GEMM's raw `Fp8Product`."""
     if isinstance(h, Fp8Rows):
         return fp8_swiglu_mlp(h, gate_up_proj, down_proj, ops)
-    if isinstance(h, NormedRows):
-        return PendingProduct(h.ops.rms_norm_swiglu(h.x, h.weight, gate_up_proj, eps=h.eps), down_proj, h.ops)
     gate_up = linear(h, gate_up_proj)  # [T, 2, F]: one matmul for both halves
     return linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], down_proj)

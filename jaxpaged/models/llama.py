@@ -11,28 +11,25 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.config import ModelConfig
-from jaxpaged.models.layers import (GemvOps, PendingProduct, add, add_rms_norm, linears, rms_norm, rope_cos_sin,
-                                    rope_inv_freq, swiglu_mlp)
-from jaxpaged.models.quant import Fp8Ops, project, quantizes_activations
+from jaxpaged.models.layers import add, add_rms_norm, rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
+from jaxpaged.models.quant import Fp8Ops, linear, project, quantizes_activations
 from jaxpaged.step_inputs import AttentionMetadata
 
-# attention(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], kv_pages, metadata, rope=(cos, sin) [T,D] each)
-#   -> (out [T,Hq,D], kv_pages); q and k go in unrotated (jaxpaged.attention.make_attention)
+# attention(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], kv_pages, metadata, rope=(cos, sin) [T,D] each,
+#   counts) -> (out [T,Hq,D], kv_pages, counts); q and k go in unrotated, counts (the decode
+#   kernel's split counters, or None) go from layer to layer (jaxpaged.attention.make_attention)
 AttentionFn = Callable
 
 
 def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata, *,
-            config: ModelConfig, attention: AttentionFn, fp8_ops: Fp8Ops = Fp8Ops(),
-            gemv_ops: GemvOps | None = None):
+            config: ModelConfig, attention: AttentionFn, fp8_ops: Fp8Ops = Fp8Ops()):
     """One step over a ragged batch: returns logits at each sequence's last token and the cache.
 
     token_ids [T] int32; kv_pages: one array per layer in the attention backend's layout.
     Returns (logits [S, vocab] float32, hidden [T, D], new kv_pages). `hidden` holds the
     final-normed states of every scheduled token, for prompt logprobs (see `token_logprobs`).
     `fp8_ops`: the row-wise ops between GEMMs where activations are e4m3 (`quant.Fp8Ops`: the
-    jnp references, or the GPU kernels the runner picks). `gemv_ops`: decode-sized linear layers
-    with the norms, SiLU x up and residual adds inside (`layers.GemvOps`), used when the step has
-    at most `gemv_ops.max_rows` tokens.
+    jnp references, or the GPU kernels the runner picks).
     """
     num_tokens = token_ids.shape[0]
     hd, eps = config.head_dim, config.rms_norm_eps
@@ -42,15 +39,14 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
     # The residual stream x and what the last block adds to it: each add happens in one op with
     # the norm after it (with FP8 activations, also the next GEMM's quantization).
     x, delta = params["embed"][token_ids], None  # [T, D]
-    gemv = gemv_ops if gemv_ops is not None and num_tokens <= gemv_ops.max_rows else None
-    new_pages = []
+    new_pages, counts = [], None
     # A Python loop: the layers unroll over per-layer weights and per-layer donated caches, which
     # XLA updates in place (a scan over stacked layers copies weights or caches every step).
     for i, (layer, pages) in enumerate(zip(params["layers"], kv_pages)):
         with jax.named_scope(f"layer_{i}"):
-            x, h = add_rms_norm(x, delta, layer["input_norm"], eps, ops=fp8_ops, gemv=gemv,
+            x, h = add_rms_norm(x, delta, layer["input_norm"], eps, ops=fp8_ops,
                                 quantize=quantizes_activations(x, layer["q_proj"]))
-            q, k, v = linears(h, [layer[name] for name in ("q_proj", "k_proj", "v_proj")])
+            q, k, v = (linear(h, layer[name]) for name in ("q_proj", "k_proj", "v_proj"))
             if config.qkv_bias:
                 q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
             q = q.reshape(num_tokens, config.num_q_heads, hd)  # [T, Hq, hd]
@@ -59,10 +55,9 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
             if config.qk_norm:
                 q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
             # attention rotates q and k by (cos, sin) (in its kernel where the backend can)
-            out, pages = attention(q, k, v, pages, metadata, rope=(cos, sin))  # [T, Hq, hd]
-            out = out.reshape(num_tokens, -1)  # [T, Hq * hd]
-            delta = PendingProduct(out, layer["o_proj"], gemv) if gemv is not None else project(out, layer["o_proj"], fp8_ops)
-            x, h = add_rms_norm(x, delta, layer["post_norm"], eps, ops=fp8_ops, gemv=gemv,
+            out, pages, counts = attention(q, k, v, pages, metadata, rope=(cos, sin), counts=counts)  # [T, Hq, hd]
+            delta = project(out.reshape(num_tokens, -1), layer["o_proj"], fp8_ops)
+            x, h = add_rms_norm(x, delta, layer["post_norm"], eps, ops=fp8_ops,
                                 quantize=quantizes_activations(x, layer["gate_up_proj"]))
             delta = swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"], fp8_ops)
         new_pages.append(pages)
