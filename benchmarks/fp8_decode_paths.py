@@ -51,10 +51,11 @@ def main(argv=None) -> int:
             compile_seconds = time.perf_counter() - begin
             program = runner._decode_programs.get(bucket, runner._forward_programs[bucket])
 
-            def call(runner=runner, program=program, inputs=inputs):
-                logits, _, runner.kv_pages = program(runner.params, runner.kv_pages, inputs.token_ids,
-                                                     inputs.token_src, runner._last_token_ids,
-                                                     inputs.attention)
+            buffer = runner.device_inputs(inputs)[0]
+
+            def call(runner=runner, program=program, buffer=buffer):
+                logits, _, runner.kv_pages = program(runner.params, runner.kv_pages, buffer,
+                                                     runner._last_token_ids)
                 return logits
 
             for _ in range(WARMUP_CALLS):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # decode_profile
 
 from jaxpaged.bench.roofline import median_seconds  # noqa: E402  (numpy only; JAX loads later)
 
@@ -77,6 +78,9 @@ def parse_args(argv=None):
                         help="run the offline workload again with async scheduling off")
     parser.add_argument("--engine-decode-steps", type=int, default=32,
                         help="decode steps timed through the whole engine per --batches (0: skip)")
+    parser.add_argument("--engine-profile-steps", type=int, default=0,
+                        help="after each engine decode timing, trace this many more steps with "
+                             "the JAX profiler: the device's busy and idle time inside the engine")
     parser.add_argument("--startup", action="store_true",
                         help="also time process start to ready, cold and warm compilation cache")
     parser.add_argument("--prefix-groups", type=int, default=32)
@@ -248,17 +252,18 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     step = median_seconds(lambda: runner.execute(inputs, apply_penalties=False, draw="greedy"),
                           repeats)
 
+    forward_buffer, sampling_buffer = runner.device_inputs(inputs)
+
     def forward_only(program=forward):
-        logits, _, runner.kv_pages = program(runner.params, runner.kv_pages, inputs.token_ids,
-                                             inputs.token_src, runner._last_token_ids,
-                                             inputs.attention)
+        logits, _, runner.kv_pages = program(runner.params, runner.kv_pages, forward_buffer,
+                                             runner._last_token_ids)
         logits.block_until_ready()
         return logits
 
     forward_s = median_seconds(forward_only, repeats)
     mixed_s = median_seconds(lambda: forward_only(mixed), repeats)
     logits = forward_only()
-    sample_s = median_seconds(lambda: jax.block_until_ready(sample(logits, inputs.sampling)),
+    sample_s = median_seconds(lambda: jax.block_until_ready(sample(logits, sampling_buffer)),
                               repeats)
     kv_bytes = (config.num_layers * batch * args.context * 2 * config.num_kv_heads
                 * config.head_dim * np.dtype(dtype).itemsize)
@@ -285,7 +290,8 @@ def engine_kwargs(args) -> dict:
     if args.prefix_cache:
         max_model_len = max(max_model_len, args.prefix_len + args.suffix_len + args.prefix_output_len + 16)
     if args.engine_decode_steps:  # room for engine_decode's requests
-        max_model_len = max(max_model_len, args.context + args.engine_decode_steps + 48)
+        max_model_len = max(max_model_len, args.context + args.engine_decode_steps
+                            + args.engine_profile_steps + 48)
     return dict(load_format="dummy", dtype="float32" if args.smoke else "bfloat16",
                 max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
@@ -426,7 +432,8 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
         # the timed ones and the one async scheduling dispatches ahead, so the batch stays whole
         # (checked below), then abort.
         prefill_steps = -(-batch * args.context // engine.config.max_num_batched_tokens)
-        max_tokens = min(prefill_steps + steps + 8, engine.max_model_len - args.context)
+        max_tokens = min(prefill_steps + steps + args.engine_profile_steps + 8,
+                         engine.max_model_len - args.context)
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         ids = [f"decode-{batch}-{i}" for i in range(batch)]
         for request_id in ids:
@@ -437,10 +444,12 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
         for _ in range(2):
             engine.step()
         sizes = []
-        begin = time.perf_counter()
-        for _ in range(steps):
-            sizes.append(len(engine.step()))
-        step_s = (time.perf_counter() - begin) / steps
+        with HostTimes(engine.runner) as host:
+            begin = time.perf_counter()
+            for _ in range(steps):
+                sizes.append(len(engine.step()))
+            step_s = (time.perf_counter() - begin) / steps
+        device = profile_engine_steps(engine, args.engine_profile_steps, sizes, args.out_dir)
         if min(sizes) != batch:
             raise RuntimeError(f"engine decode batch {batch}: steps returned {min(sizes)}..{max(sizes)} "
                                "outputs, the batch did not stay whole")
@@ -452,10 +461,65 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
         rows.append({"batch": batch, "context": args.context, "steps": steps,
                      "step_ms": 1e3 * step_s, "floor_ms": floor,
                      "ratio_to_floor": 1e3 * step_s / floor if floor else None,
-                     "async_scheduling": engine.async_scheduling})
+                     "async_scheduling": engine.async_scheduling,
+                     "host_ms_per_step": host.per_step(steps), "device_profile": device})
         print(f"engine decode batch {batch:4d} ctx ~{args.context}: {1e3 * step_s:.2f} ms/step"
-              + (f" = {rows[-1]['ratio_to_floor']:.2f}x the floor" if floor else ""), flush=True)
+              + (f" = {rows[-1]['ratio_to_floor']:.2f}x the floor" if floor else "")
+              + "; host " + ", ".join(f"{k} {v:.2f}" for k, v in host.per_step(steps).items())
+              + (f"; device busy {device['busy_ms']:.2f}, idle {device['idle_ms']:.2f} ms/step"
+                 if device.get("kernels_per_step") else ""), flush=True)
     return rows
+
+
+class HostTimes:
+    """Wall time the engine spends in `runner.dispatch` (building nothing: transfers and launches)
+    and in `runner.fetch` (waiting for the device), per step; the rest of a step is the host's
+    scheduling and bookkeeping. While the fetch wait stays above zero the device sets the pace."""
+
+    def __init__(self, runner):
+        self.runner, self.seconds = runner, {"dispatch": 0.0, "fetch_wait": 0.0}
+
+    def _timed(self, name, method):
+        def call(*a, **k):
+            begin = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                self.seconds[name] += time.perf_counter() - begin
+        return call
+
+    def __enter__(self):
+        self.runner.dispatch = self._timed("dispatch", self.runner.dispatch)
+        self.runner.fetch = self._timed("fetch_wait", self.runner.fetch)
+        return self
+
+    def __exit__(self, *exc):
+        del self.runner.dispatch, self.runner.fetch  # the class's methods again
+
+    def per_step(self, steps: int) -> dict:
+        return {f"{k}_ms": 1e3 * v / steps for k, v in self.seconds.items()}
+
+
+def profile_engine_steps(engine, steps: int, sizes: list, out_dir: str) -> dict:
+    """`steps` more engine steps under the JAX profiler: the device's span, busy and idle time
+    per step as the engine drives it (decode_profile.py's summary of the GPU kernel events)."""
+    if not steps:
+        return {}
+    import tempfile
+
+    import jax
+
+    from decode_profile import gpu_kernel_events, summarize
+
+    with tempfile.TemporaryDirectory(dir=out_dir) as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                sizes.append(len(engine.step()))
+        events, _ = gpu_kernel_events(Path(trace_dir))
+    summary = summarize(events, steps, 0)
+    for key in ("top_kernels", "layer_kernels", "matmul_weight_bandwidth_tb_s"):
+        summary.pop(key, None)
+    return summary
 
 
 def mixed_step_breakdown(args, params, config, dtype, matmul_flop_s: float) -> dict:

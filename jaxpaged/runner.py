@@ -8,7 +8,9 @@ previous step's sampled ids (`StepInputs.token_src`).
 
 The runner owns the params and the paged KV cache (one array per layer, donated through the jit so
 XLA updates it in place). Everything it is given per step is a `StepInputs` of fixed shape, so after
-`warmup()` compiled every bucket, serving never compiles again.
+`warmup()` compiled every bucket, serving never compiles again. It reaches the device as two packed
+int32 buffers (`step_inputs.pack`), copied before the forward is launched; the programs cut them
+back into arrays (`unpack`).
 """
 
 import functools
@@ -28,7 +30,8 @@ from jaxpaged.models.quant import Fp8Ops, fp8_compiler_options
 from jaxpaged.sampler import SampleOutput, sample
 from jaxpaged.sampling_params import DRAW_KINDS, MAX_LOGPROBS
 from jaxpaged.sharding import ShardingPlan
-from jaxpaged.step_inputs import StepInputs, build_step_inputs
+from jaxpaged.step_inputs import (AttentionMetadata, Layout, SamplingTensors, StepInputs,
+                                  build_step_inputs, forward_arrays, pack)
 from pallas_kernels import fp8_activations as fp8_kernels
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -100,15 +103,16 @@ class ModelRunner:
         params_sharding = param_shardings(self.plan, quantization)
         kv_shardings = [kv_sharding] * config.num_layers
         fp8_ops = pick_fp8_ops(platform, config, self.plan.tensor_parallel_size)
+        # Called as (params, kv_pages, packed forward arrays, last_token_ids, their layout).
         self._forward, self._forward_decode = (jax.jit(
-            functools.partial(_forward_step, config=config, fp8_ops=fp8_ops,
+            functools.partial(_packed_forward_step, config=config, fp8_ops=fp8_ops,
                               attention=self.plan.shard_attention(attention(decode_only=decode_only))),
-            in_shardings=(params_sharding, kv_shardings, rep, rep, rep, rep),
+            in_shardings=(params_sharding, kv_shardings, rep, rep), static_argnums=(4,),
             out_shardings=(rep, rep, kv_shardings), donate_argnames=("kv_pages",))
             for decode_only in (False, True))
         self._sample = jax.jit(
             functools.partial(_sample_step, num_rows=max_num_seqs), out_shardings=rep,
-            static_argnames=("apply_penalties", "num_top_logprobs", "draw"))
+            static_argnames=("layout", "apply_penalties", "num_top_logprobs", "draw"))
         # Prompt logprobs run on slices of this many hidden rows: one program for every bucket.
         self.prompt_logprob_rows = min(token_buckets)
         self._token_logprobs = jax.jit(token_logprobs, out_shardings=rep,
@@ -145,13 +149,20 @@ class ModelRunner:
         forward_program = self._decode_programs.get(bucket) if decode_only else None
         if forward_program is None:
             forward_program = self._forward_programs[bucket]
+        forward_buffer, sampling_buffer = self.device_inputs(inputs)
         logits, self._hidden, self.kv_pages = forward_program(
-            self.params, self.kv_pages, inputs.token_ids, inputs.token_src, self._last_token_ids,
-            inputs.attention)
+            self.params, self.kv_pages, forward_buffer, self._last_token_ids)
         slots = logits.shape[0]
-        out = self._sample_programs[apply_penalties, with_logprobs, draw, slots](logits, inputs.sampling)
+        out = self._sample_programs[apply_penalties, with_logprobs, draw, slots](logits, sampling_buffer)
         self._last_token_ids = out.token_ids
         return out
+
+    def device_inputs(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
+        """The step's forward arrays and its sampling tensors, each packed into one buffer and
+        copied to the device, both before the forward is launched: a copy queued after it would
+        wait for it."""
+        return jax.device_put((pack(forward_arrays(inputs))[0], pack(inputs.sampling)[0]),
+                              self.plan.replicated)
 
     @staticmethod
     def fetch(out: SampleOutput) -> SampleOutput:
@@ -190,13 +201,12 @@ class ModelRunner:
         start = time.perf_counter()
         lowered = {}
         for bucket in self.token_buckets:
-            inputs = self._dummy_inputs(bucket, apply_penalties=False)
+            buffer, layout = pack(forward_arrays(self._dummy_inputs(bucket, apply_penalties=False)))
             for kind, forward in (("forward", self._forward), ("decode", self._forward_decode)):
                 if kind == "decode" and bucket not in self.decode_buckets:
                     continue
                 lowered[(kind, bucket)] = forward.lower(
-                    self.params, self.kv_pages, inputs.token_ids, inputs.token_src,
-                    self._last_token_ids, inputs.attention)
+                    self.params, self.kv_pages, buffer, self._last_token_ids, layout)
         rep = self.plan.replicated
         for bucket in self.token_buckets:
             slots = self.seq_slots(bucket)
@@ -205,11 +215,10 @@ class ModelRunner:
                 key = ("sample", apply_penalties, with_logprobs, draw, slots)
                 if key in lowered:
                     continue
-                sampling = self._dummy_inputs(bucket, apply_penalties).sampling
-                sampling = jax.tree.map(
-                    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), sampling)
+                buffer, layout = pack(self._dummy_inputs(bucket, apply_penalties).sampling)
+                buffer = jax.ShapeDtypeStruct(buffer.shape, buffer.dtype, sharding=rep)
                 lowered[key] = self._sample.lower(
-                    logits, sampling, apply_penalties=apply_penalties,
+                    logits, buffer, layout=layout, apply_penalties=apply_penalties,
                     num_top_logprobs=MAX_LOGPROBS if with_logprobs else None, draw=draw)
         hidden = jax.ShapeDtypeStruct((self.prompt_logprob_rows, self.config.hidden_size),
                                       self.params["embed"].dtype, sharding=rep)
@@ -243,6 +252,27 @@ class ModelRunner:
                                  history_width=self.history_width(apply_penalties))
 
 
+def unpack(buffer: jax.Array, layout: Layout) -> list[jax.Array]:
+    """Cuts a `step_inputs.pack`ed int32 buffer back into its arrays (slices and bitcasts)."""
+    sizes = [int(np.prod(shape)) for shape, _ in layout]
+    if sum(sizes) != buffer.shape[0]:
+        raise ValueError(f"a packed buffer of {buffer.shape[0]} values for a layout of {sum(sizes)}")
+    arrays, offset = [], 0
+    for (shape, dtype), size in zip(layout, sizes):
+        piece = buffer[offset:offset + size].reshape(shape)
+        arrays.append(piece if np.dtype(dtype) == np.int32
+                      else jax.lax.bitcast_convert_type(piece, np.dtype(dtype)))
+        offset += size
+    return arrays
+
+
+def _packed_forward_step(params, kv_pages, buffer, last_token_ids, layout: Layout, **kwargs):
+    """`_forward_step` on its arrays sent as one buffer (`step_inputs.forward_arrays` order)."""
+    token_ids, token_src, *metadata = unpack(buffer, layout)
+    return _forward_step(params, kv_pages, token_ids, token_src, last_token_ids,
+                         AttentionMetadata(*metadata), **kwargs)
+
+
 def _forward_step(params, kv_pages, token_ids, token_src, last_token_ids, metadata, *, config,
                   attention, fp8_ops: Fp8Ops = Fp8Ops()):
     """The forward pass, first taking each token with `token_src >= 0` from the previous step's
@@ -273,9 +303,12 @@ def pick_fp8_ops(platform: str, config: ModelConfig, tensor_parallel_size: int) 
                       else fp8_kernels.add_rms_norm_fp8_reference))
 
 
-def _sample_step(logits, sampling, *, num_rows, apply_penalties, num_top_logprobs, draw="filtered"):
-    """The sampler on a step's [slots, V] logits; the sampled ids padded to `num_rows` (the
-    engine's `max_num_seqs`), so the next step's forward reads them whatever this step's size."""
+def _sample_step(logits, buffer, *, layout: Layout, num_rows, apply_penalties, num_top_logprobs,
+                 draw="filtered"):
+    """The sampler on a step's [slots, V] logits and its `SamplingTensors` packed in `buffer`;
+    the sampled ids padded to `num_rows` (the engine's `max_num_seqs`), so the next step's
+    forward reads them whatever this step's size."""
+    sampling = SamplingTensors(*unpack(buffer, layout))
     out = sample(logits, sampling, apply_penalties=apply_penalties,
                  num_top_logprobs=num_top_logprobs, draw=draw)
     return out._replace(token_ids=jnp.pad(out.token_ids, (0, num_rows - out.token_ids.shape[0])))

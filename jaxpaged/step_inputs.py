@@ -1,9 +1,11 @@
 """What one engine step hands to the device: plain numpy arrays in NamedTuples.
 
-NamedTuples are pytrees to JAX without this module importing it, so the scheduler builds these on
-the host and the runner passes them straight through `jax.jit`. Every shape depends only on the
-token bucket T, the sequence slots S, `pages_per_seq` and the history width W; per-sequence lengths
-and offsets are data. The runner picks S per bucket (`ModelRunner.seq_slots`).
+The scheduler builds these on the host. The runner sends them as two buffers, `pack`ed end to end
+(the forward's arrays, the sampler's): every host-to-device copy waits for the device's queued
+work and costs the host a transfer call, so two copies a step instead of twenty. Every shape
+depends only on the token bucket T, the sequence slots S, `pages_per_seq` and the history width
+W; per-sequence lengths and offsets are data. The runner picks S per bucket
+(`ModelRunner.seq_slots`).
 """
 
 from typing import NamedTuple
@@ -132,3 +134,21 @@ def build_step_inputs(requests, num_new_tokens, *, token_bucket: int, max_num_se
     )
     return StepInputs(token_ids=token_ids, token_src=token_src, attention=attention,
                       sampling=sampling)
+
+
+Layout = tuple  # ((shape, dtype string), ...): how `pack` laid its arrays out, one per array
+
+
+def pack(arrays) -> tuple[np.ndarray, Layout]:
+    """`arrays` (4-byte int32 / uint32 / float32 ones) end to end as one int32 buffer, and the
+    layout that cuts it back into them (hashable: the compiled programs are keyed by it)."""
+    arrays = [np.asarray(a) for a in arrays]
+    if any(a.dtype.itemsize != 4 for a in arrays):
+        raise TypeError(f"pack takes 4-byte arrays, got {[a.dtype.name for a in arrays]}")
+    buffer = np.concatenate([a.reshape(-1).view(np.int32) for a in arrays])
+    return buffer, tuple((a.shape, a.dtype.str) for a in arrays)
+
+
+def forward_arrays(inputs: StepInputs) -> tuple[np.ndarray, ...]:
+    """The forward's arrays in `pack` order: token ids, token sources, attention metadata."""
+    return (inputs.token_ids, inputs.token_src, *inputs.attention)

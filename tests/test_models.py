@@ -21,7 +21,7 @@ import jaxpaged
 from jaxpaged.config import ModelConfig, pick_bucket
 from jaxpaged.models.layers import rope_inv_freq
 from jaxpaged.sampling_params import MAX_LOGPROBS, SamplingParams
-from jaxpaged.step_inputs import build_step_inputs
+from jaxpaged.step_inputs import build_step_inputs, forward_arrays, pack
 
 VOCAB = 512
 ATOL = 1e-4
@@ -117,10 +117,11 @@ def run_engine(llm, prompts: list[list[int]], num_decode_steps: int):
             token_bucket=pick_bucket(engine.token_buckets, batch.total_tokens),
             max_num_seqs=engine.config.max_num_seqs, pages_per_seq=engine.pages_per_seq,
             history_width=1)
-        logits, _, runner.kv_pages = runner._forward(runner.params, runner.kv_pages, inputs.token_ids,
-                                                  inputs.token_src, runner._last_token_ids,
-                                                  inputs.attention)
-        sampled = runner._sample(logits, inputs.sampling, apply_penalties=False,
+        buffer, layout = pack(forward_arrays(inputs))
+        logits, _, runner.kv_pages = runner._forward(runner.params, runner.kv_pages, buffer,
+                                                     runner._last_token_ids, layout)
+        buffer, layout = pack(inputs.sampling)
+        sampled = runner._sample(logits, buffer, layout=layout, apply_penalties=False,
                                  num_top_logprobs=MAX_LOGPROBS)
         logits, token_ids = np.asarray(logits), np.asarray(sampled.token_ids)
         advanced = {id(r) for r in engine.scheduler.update(batch, token_ids)}

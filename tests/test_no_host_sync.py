@@ -18,10 +18,9 @@ from jaxpaged.attention import get_kv_cache_shape, make_attention
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.params import random_params
 from jaxpaged.models import quant
-from jaxpaged.runner import SAMPLER_VARIANTS, _forward_step, pick_fp8_ops
-from jaxpaged.sampler import sample
+from jaxpaged.runner import SAMPLER_VARIANTS, _packed_forward_step, _sample_step, pick_fp8_ops
 from jaxpaged.sampling_params import MAX_LOGPROBS
-from jaxpaged.step_inputs import build_step_inputs
+from jaxpaged.step_inputs import build_step_inputs, forward_arrays, pack
 
 CONTROL_FLOW = ("stablehlo.while", "stablehlo.if", "stablehlo.case")
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -39,16 +38,17 @@ def lower_forward(backend: str, decode_only: bool = False, quantization: str | N
     config = ModelConfig.from_hf_config(TINY)
     attention = make_attention(backend, platform="gpu", sm_scale=config.head_dim ** -0.5,
                                sliding_window=None, decode_only=decode_only)
-    forward = jax.jit(functools.partial(_forward_step, config=config, attention=attention,
-                                        fp8_ops=pick_fp8_ops("gpu", config, 1)))
+    forward = jax.jit(functools.partial(_packed_forward_step, config=config, attention=attention,
+                                        fp8_ops=pick_fp8_ops("gpu", config, 1)),
+                      static_argnums=(4,))
     shape = get_kv_cache_shape(32, 16, config.num_kv_heads, config.head_dim)
     kv_pages = [jnp.zeros(shape, jnp.bfloat16)] * config.num_layers
     inputs = build_step_inputs([], [], token_bucket=16, max_num_seqs=MAX_NUM_SEQS,
                                pages_per_seq=PAGES_PER_SEQ, history_width=1)
     params = random_params(config, jnp.bfloat16, quantization=quantization)
-    return forward.trace(params, kv_pages, inputs.token_ids,
-                         inputs.token_src, jnp.zeros(MAX_NUM_SEQS, jnp.int32),
-                         inputs.attention).lower(lowering_platforms=("cuda",))
+    buffer, layout = pack(forward_arrays(inputs))
+    return forward.trace(params, kv_pages, buffer, jnp.zeros(MAX_NUM_SEQS, jnp.int32),
+                         layout).lower(lowering_platforms=("cuda",))
 
 
 def test_gpu_forward_has_no_data_dependent_control_flow():
@@ -71,8 +71,10 @@ def test_sampler_variants_have_no_data_dependent_control_flow(apply_penalties, w
     width = 8 if apply_penalties else 1
     sampling = build_step_inputs([], [], token_bucket=16, max_num_seqs=MAX_NUM_SEQS,
                                  pages_per_seq=PAGES_PER_SEQ, history_width=width).sampling
-    lowered = jax.jit(sample, static_argnames=("apply_penalties", "num_top_logprobs", "draw")).trace(
-        jnp.zeros((MAX_NUM_SEQS, TINY["vocab_size"]), jnp.float32), sampling,
+    buffer, layout = pack(sampling)
+    lowered = jax.jit(functools.partial(_sample_step, num_rows=MAX_NUM_SEQS),
+                      static_argnames=("layout", "apply_penalties", "num_top_logprobs", "draw")).trace(
+        jnp.zeros((MAX_NUM_SEQS, TINY["vocab_size"]), jnp.float32), buffer, layout=layout,
         apply_penalties=apply_penalties, num_top_logprobs=MAX_LOGPROBS if with_logprobs else None,
         draw=draw).lower(lowering_platforms=("cuda",))
     assert control_flow(lowered) == []

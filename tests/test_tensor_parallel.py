@@ -71,7 +71,7 @@ def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
     from jaxpaged.runner import ModelRunner
     from jaxpaged.sampling_params import MAX_LOGPROBS
     from jaxpaged.sharding import ShardingPlan
-    from jaxpaged.step_inputs import AttentionMetadata, empty_sampling_tensors
+    from jaxpaged.step_inputs import AttentionMetadata, empty_sampling_tensors, pack
 
     source = resolve_model(model)
     config = ModelConfig.from_hf_config(source.hf_config())
@@ -134,14 +134,15 @@ def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
                 page_indices=page_indices, cu_q_lens=np.array(cu, np.int32),
                 num_seqs=np.array([num_seqs], np.int32),
                 logits_indices=np.array(cu[1:], np.int32) - 1)
+            buffer, layout = pack((token_ids, np.full(len(token_ids), -1, np.int32), *metadata))
             logits, _, runner.kv_pages = runner._forward(
-                runner.params, runner.kv_pages, token_ids, np.full(len(token_ids), -1, np.int32),
-                runner._last_token_ids, metadata)
+                runner.params, runner.kv_pages, buffer, runner._last_token_ids, layout)
             if logits.sharding != plan.replicated:
                 errors.append(f"TP={tp} logits sharding {logits.sharding} is not replicated")
             if tp == max(tp_sizes):  # the engine's sampler on replicated logits (compiled once)
+                buffer, layout = pack(empty_sampling_tensors(num_seqs, 1))
                 tokens = np.asarray(runner._sample(
-                    logits, empty_sampling_tensors(num_seqs, 1), apply_penalties=False,
+                    logits, buffer, layout=layout, apply_penalties=False,
                     num_top_logprobs=MAX_LOGPROBS).token_ids)
             else:
                 tokens = np.asarray(logits).argmax(-1)
@@ -262,7 +263,7 @@ def teacher_forced_run(config, params, plan, prompt, num_steps, forced=None):
 
     from jaxpaged.runner import ModelRunner
     from jaxpaged.sampling_params import MAX_LOGPROBS
-    from jaxpaged.step_inputs import AttentionMetadata, empty_sampling_tensors
+    from jaxpaged.step_inputs import AttentionMetadata, empty_sampling_tensors, pack
 
     bucket = 64
     runner = ModelRunner(config, params, num_pages=8, page_size=16, max_num_seqs=1,
@@ -279,10 +280,11 @@ def teacher_forced_run(config, params, plan, prompt, num_steps, forced=None):
             page_indices=np.arange(8, dtype=np.int32)[None],
             cu_q_lens=np.array([0, len(new)], np.int32), num_seqs=np.array([1], np.int32),
             logits_indices=np.array([len(new) - 1], np.int32))
+        buffer, layout = pack((token_ids, np.full(len(token_ids), -1, np.int32), *metadata))
         logits, _, runner.kv_pages = runner._forward(
-            runner.params, runner.kv_pages, token_ids, np.full(len(token_ids), -1, np.int32),
-            runner._last_token_ids, metadata)
-        sampled = runner._sample(logits, empty_sampling_tensors(1, 1), apply_penalties=False,
+            runner.params, runner.kv_pages, buffer, runner._last_token_ids, layout)
+        buffer, layout = pack(empty_sampling_tensors(1, 1))
+        sampled = runner._sample(logits, buffer, layout=layout, apply_penalties=False,
                                  num_top_logprobs=MAX_LOGPROBS)
         logits_seen.append(np.asarray(jnp.asarray(logits, jnp.float32))[0])
         chosen.append(int(np.asarray(sampled.token_ids)[0]))
