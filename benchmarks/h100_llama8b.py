@@ -472,9 +472,10 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
 
 
 class HostTimes:
-    """Wall time the engine spends in `runner.dispatch` (building nothing: transfers and launches)
-    and in `runner.fetch` (waiting for the device), per step; the rest of a step is the host's
-    scheduling and bookkeeping. While the fetch wait stays above zero the device sets the pace."""
+    """Wall time the engine spends in `runner.dispatch` (packing the inputs, copying them and
+    launching the programs) and in `runner.fetch` (waiting for the device), per step; the rest of
+    a step is the host's scheduling and bookkeeping. While the fetch wait stays above zero the
+    device sets the pace."""
 
     def __init__(self, runner):
         self.runner, self.seconds = runner, {"dispatch": 0.0, "fetch_wait": 0.0}

@@ -153,14 +153,15 @@ class ModelRunner:
         logits, self._hidden, self.kv_pages = forward_program(
             self.params, self.kv_pages, forward_buffer, self._last_token_ids)
         slots = logits.shape[0]
-        out = self._sample_programs[apply_penalties, with_logprobs, draw, slots](logits, sampling_buffer)
+        sample_program = self._sample_programs[apply_penalties, with_logprobs, draw, slots]
+        out = sample_program(logits, sampling_buffer)
         self._last_token_ids = out.token_ids
         return out
 
     def device_inputs(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         """The step's forward arrays and its sampling tensors, each packed into one buffer and
-        copied to the device, both before the forward is launched: a copy queued after it would
-        wait for it."""
+        copied to the device, both before the forward is launched, so the sampler's inputs are
+        there when the forward ends (its arrays used to be copied only after the launch)."""
         return jax.device_put((pack(forward_arrays(inputs))[0], pack(inputs.sampling)[0]),
                               self.plan.replicated)
 
@@ -256,7 +257,8 @@ def unpack(buffer: jax.Array, layout: Layout) -> list[jax.Array]:
     """Cuts a `step_inputs.pack`ed int32 buffer back into its arrays (slices and bitcasts)."""
     sizes = [int(np.prod(shape)) for shape, _ in layout]
     if sum(sizes) != buffer.shape[0]:
-        raise ValueError(f"a packed buffer of {buffer.shape[0]} values for a layout of {sum(sizes)}")
+        raise ValueError(f"a packed buffer of {buffer.shape[0]} values for a layout of "
+                         f"{sum(sizes)}")
     arrays, offset = [], 0
     for (shape, dtype), size in zip(layout, sizes):
         piece = buffer[offset:offset + size].reshape(shape)

@@ -1,10 +1,10 @@
 """What one engine step hands to the device: plain numpy arrays in NamedTuples.
 
 The scheduler builds these on the host. The runner sends them as two buffers, `pack`ed end to end
-(the forward's arrays, the sampler's): every host-to-device copy waits for the device's queued
-work and costs the host a transfer call, so two copies a step instead of twenty. Every shape
-depends only on the token bucket T, the sequence slots S, `pages_per_seq` and the history width
-W; per-sequence lengths and offsets are data. The runner picks S per bucket
+(the forward's arrays, the sampler's): two host-to-device copies a step instead of twenty, which
+took 0.04 ms off a batch-1 decode step on the H100 (benchmarks/results/h100_session16.md).
+Every shape depends only on the token bucket T, the sequence slots S, `pages_per_seq` and the
+history width W; per-sequence lengths and offsets are data. The runner picks S per bucket
 (`ModelRunner.seq_slots`).
 """
 
