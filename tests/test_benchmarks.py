@@ -231,7 +231,7 @@ def test_h100_llama8b_smoke(tmp_path, capsys):
     import h100_llama8b
 
     argv = ["--smoke", "--skip-hf", "--step-breakdown", "--engine-decode-steps", "3",
-            "--out-dir", str(tmp_path)]
+            "--engine-profile-steps", "2", "--out-dir", str(tmp_path)]
     assert h100_llama8b.main(argv) == 0
     report = json.loads((tmp_path / "jax.json").read_text())
     args = h100_llama8b.parse_args(argv)
@@ -239,6 +239,10 @@ def test_h100_llama8b_smoke(tmp_path, capsys):
     assert all(row["step_ms"] > 0 and row["floor_ms"] > 0 for row in report["decode"])
     # engine_decode raises if a timed step returned fewer rows than the batch
     assert [row["batch"] for row in report["engine_decode"]] == list(args.batches)
+    for row in report["engine_decode"]:  # host split; a profile with no GPU kernels on CPU
+        assert row["host_ms_per_step"]["dispatch_ms"] > 0
+        assert row["host_ms_per_step"]["fetch_wait_ms"] >= 0
+        assert row["device_profile"] == {"kernels": 0}
     mixed = report["mixed_step"]
     assert mixed["tokens"] == args.max_num_batched_tokens
     assert mixed["decode_seqs"] + sum(mixed["prefill_chunks"]) == mixed["tokens"]
@@ -401,9 +405,23 @@ def test_decode_profile_smoke(tmp_path, capsys):
 
     before = dict(DECODE_DEFAULTS)
     assert decode_profile.main(["--smoke", "--out-dir", str(tmp_path), "--max-num-seqs", "8",
-                                "--decode-pages-per-iter", "2", "--xla-split-merge"]) == 0
+                                "--decode-pages-per-iter", "2", "--xla-split-merge",
+                                "--device-inputs"]) == 0
     assert DECODE_DEFAULTS == before and attention.FUSED_SPLIT_MERGE  # experiment settings do not leak
     report = json.loads((tmp_path / "decode_profile.json").read_text())
     assert [row["batch"] for row in report["batches"]] == [1, 4]
-    assert all(row["max_num_seqs"] == 8 for row in report["batches"])
+    assert all(row["max_num_seqs"] == 8 and row["device_inputs"] for row in report["batches"])
     assert "no GPU kernel events" in capsys.readouterr().out
+
+
+def test_dispatch_probe_smoke(tmp_path):
+    """The dispatch probe at tiny shapes on CPU: every variant times its steps."""
+    import dispatch_probe
+
+    assert dispatch_probe.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "dispatch_probe.json").read_text())
+    assert list(report["batches"]) == ["1", "4"]
+    for row in report["batches"].values():
+        assert row["sync_ms"] > 0 and row["dispatch_idle_ms"] > 0
+        for variant in ("pipelined", "pipelined_device_inputs"):
+            assert row[variant]["wall_ms_per_step"] > 0 and row[variant]["dispatch_ms_median"] > 0
