@@ -55,8 +55,9 @@ def parse_args(argv=None):
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--token-buckets", type=int, nargs="+",
-                        default=[16, 64, 256, 512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--token-buckets", type=int, nargs="+", default=None,
+                        help="the engine's token buckets (default: the engine's, powers of two "
+                             "from 8 up to --max-num-batched-tokens)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--quantization", default=None,
@@ -295,7 +296,7 @@ def engine_kwargs(args) -> dict:
     return dict(load_format="dummy", dtype="float32" if args.smoke else "bfloat16",
                 max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                token_buckets=tuple(args.token_buckets),
+                token_buckets=tuple(args.token_buckets) if args.token_buckets else None,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 attention_backend=args.attention_backend, page_size=args.page_size,
                 quantization=args.quantization)
@@ -623,7 +624,8 @@ def run_startup(args, out: Path, env: dict) -> None:
 
     os.environ.update(env)
     kwargs = {"model": args.model, **engine_kwargs(args)}
-    kwargs["token_buckets"] = list(kwargs["token_buckets"])
+    if kwargs["token_buckets"]:
+        kwargs["token_buckets"] = list(kwargs["token_buckets"])
     with tempfile.TemporaryDirectory(prefix="jaxpaged-xla-") as cache_dir:
         result = {"engine_args": kwargs}
         for name in ("cold", "warm"):
