@@ -166,6 +166,17 @@ def test_page_size_default_by_platform():
         EngineConfig(page_size=48)
 
 
+def test_default_token_buckets():
+    from jaxpaged.config import EngineConfig
+
+    # powers of two from 8 rows (batch-1 decoding's bucket), the token budget always the last
+    assert EngineConfig(max_num_batched_tokens=100).resolved_token_buckets() == (8, 16, 32, 64, 100)
+    assert EngineConfig(max_num_seqs=4, max_num_batched_tokens=4).resolved_token_buckets() == (4,)
+    assert EngineConfig(token_buckets=(4, 512)).resolved_token_buckets() == (4, 512)
+    with pytest.raises(ValueError, match="largest token bucket"):
+        EngineConfig(token_buckets=(8, 64))
+
+
 def test_engine_uses_the_resolved_page_size(smollm2_llm):
     engine = smollm2_llm.engine
     assert engine.page_size == engine.pages.page_size == 16  # CPU
