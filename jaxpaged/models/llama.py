@@ -5,6 +5,7 @@ each: Qwen2 adds q/k/v biases, Qwen3 RMS-normalises q and k per head before rope
 a sliding window, Llama 3.1+ scales rope frequencies.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -31,7 +32,6 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
     `fp8_ops`: the row-wise ops between GEMMs where activations are e4m3 (`quant.Fp8Ops`: the
     jnp references, or the GPU kernels the runner picks).
     """
-    num_tokens = token_ids.shape[0]
     hd, eps = config.head_dim, config.rms_norm_eps
     inv_freq = rope_inv_freq(hd, config.rope_theta, dict(config.rope_scaling))
     cos, sin = rope_cos_sin(metadata.positions, inv_freq)  # [T, hd] each
@@ -41,25 +41,15 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
     x, delta = params["embed"][token_ids], None  # [T, D]
     new_pages, counts = [], None
     # A Python loop: the layers unroll over per-layer weights and per-layer donated caches, which
-    # XLA updates in place (a scan over stacked layers copies weights or caches every step).
+    # XLA updates in place (a scan over stacked layers copies weights or caches every step). Each
+    # layer is a call of one jitted function, so a program traces and lowers the layer once (twice:
+    # the first has no residual delta or counters yet) instead of once a layer; XLA inlines the
+    # calls before it optimises, so the compiled program is the same.
     for i, (layer, pages) in enumerate(zip(params["layers"], kv_pages)):
         with jax.named_scope(f"layer_{i}"):
-            x, h = add_rms_norm(x, delta, layer["input_norm"], eps, ops=fp8_ops,
-                                quantize=quantizes_activations(x, layer["q_proj"]))
-            q, k, v = (linear(h, layer[name]) for name in ("q_proj", "k_proj", "v_proj"))
-            if config.qkv_bias:
-                q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
-            q = q.reshape(num_tokens, config.num_q_heads, hd)  # [T, Hq, hd]
-            k = k.reshape(num_tokens, config.num_kv_heads, hd)  # [T, Hkv, hd]
-            v = v.reshape(num_tokens, config.num_kv_heads, hd)  # [T, Hkv, hd]
-            if config.qk_norm:
-                q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
-            # attention rotates q and k by (cos, sin) (in its kernel where the backend can)
-            out, pages, counts = attention(q, k, v, pages, metadata, rope=(cos, sin), counts=counts)  # [T, Hq, hd]
-            delta = project(out.reshape(num_tokens, -1), layer["o_proj"], fp8_ops)
-            x, h = add_rms_norm(x, delta, layer["post_norm"], eps, ops=fp8_ops,
-                                quantize=quantizes_activations(x, layer["gate_up_proj"]))
-            delta = swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"], fp8_ops)
+            x, delta, pages, counts = decoder_layer(
+                layer, pages, x, delta, (cos, sin), metadata, counts, config=config,
+                attention=attention, fp8_ops=fp8_ops)
         new_pages.append(pages)
     x = add(x, delta)
 
@@ -68,6 +58,31 @@ def forward(params: dict, kv_pages: list, token_ids, metadata: AttentionMetadata
     logits = jnp.dot(hidden[metadata.logits_indices], lm_head_of(params),
                      preferred_element_type=jnp.float32)  # [S, vocab]
     return logits, hidden, new_pages
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "fp8_ops"))
+def decoder_layer(layer: dict, pages, x, delta, rope, metadata: AttentionMetadata, counts, *,
+                  config: ModelConfig, attention: AttentionFn, fp8_ops: Fp8Ops):
+    """One decoder block: x [T, D] the residual stream before `delta` [T, D] (or None) is added
+    to it. Returns (x, the block's delta, its kv pages, the attention's counts)."""
+    num_tokens = x.shape[0]
+    hd, eps = config.head_dim, config.rms_norm_eps
+    x, h = add_rms_norm(x, delta, layer["input_norm"], eps, ops=fp8_ops,
+                        quantize=quantizes_activations(x, layer["q_proj"]))
+    q, k, v = (linear(h, layer[name]) for name in ("q_proj", "k_proj", "v_proj"))
+    if config.qkv_bias:
+        q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
+    q = q.reshape(num_tokens, config.num_q_heads, hd)  # [T, Hq, hd]
+    k = k.reshape(num_tokens, config.num_kv_heads, hd)  # [T, Hkv, hd]
+    v = v.reshape(num_tokens, config.num_kv_heads, hd)  # [T, Hkv, hd]
+    if config.qk_norm:
+        q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
+    # attention rotates q and k by rope's (cos, sin) (in its kernel where the backend can)
+    out, pages, counts = attention(q, k, v, pages, metadata, rope=rope, counts=counts)  # [T, Hq, hd]
+    delta = project(out.reshape(num_tokens, -1), layer["o_proj"], fp8_ops)
+    x, h = add_rms_norm(x, delta, layer["post_norm"], eps, ops=fp8_ops,
+                        quantize=quantizes_activations(x, layer["gate_up_proj"]))
+    return x, swiglu_mlp(h, layer["gate_up_proj"], layer["down_proj"], fp8_ops), pages, counts
 
 
 def lm_head_of(params: dict):
