@@ -55,6 +55,8 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
+PROMPT_LOGPROB_ROWS = 256  # hidden rows a prompt-logprob program scores at once
+
 # (apply_penalties, with_logprobs, draw): penalties need the token history, logprobs a log-softmax
 # and a top-k over the vocabulary, "filtered" draws a sort; most steps need none of them, so each
 # costs only where it is used (and the host's choice keeps branches out of the program).
@@ -114,7 +116,8 @@ class ModelRunner:
             functools.partial(_sample_step, num_rows=max_num_seqs), out_shardings=rep,
             static_argnames=("layout", "apply_penalties", "num_top_logprobs", "draw"))
         # Prompt logprobs run on slices of this many hidden rows: one program for every bucket.
-        self.prompt_logprob_rows = min(token_buckets)
+        # Each slice reads the whole LM head (1 GB in an 8B model), so slices are not small.
+        self.prompt_logprob_rows = min(token_buckets[-1], PROMPT_LOGPROB_ROWS)
         self._token_logprobs = jax.jit(token_logprobs, out_shardings=rep,
                                        static_argnames=("num_top",))
         self._token_logprobs_program = None
@@ -175,20 +178,17 @@ class ModelRunner:
 
         Returns numpy (target logprobs [N], top ids [N, MAX_LOGPROBS], top logprobs [N, MAX_LOGPROBS]).
         Only steps that score prompts pay for this: the hidden states come to the host once and
-        go back in fixed slices of `prompt_logprob_rows`, so no new shape is ever compiled.
+        go back in fixed slices of `prompt_logprob_rows`, so no new shape is ever compiled. All
+        slices are launched before any result is fetched.
         """
         hidden = np.asarray(jax.device_get(self._hidden))  # [T, D]
         r, n = self.prompt_logprob_rows, len(rows)
-        outs = []
-        for start in range(0, n, r):
-            chunk_rows = np.zeros(r, np.int32)
-            chunk_targets = np.zeros(r, np.int32)
-            m = min(r, n - start)
-            chunk_rows[:m] = rows[start:start + m]
-            chunk_targets[:m] = target_ids[start:start + m]
-            out = self._token_logprobs_program(self.params, hidden[chunk_rows], chunk_targets)
-            outs.append([a[:m] for a in jax.device_get(out)])
-        return tuple(np.concatenate(parts) for parts in zip(*outs))
+        padded = -(-n // r) * r
+        rows = np.pad(rows, (0, padded - n))  # padding rows score row 0 and are cut off below
+        target_ids = np.pad(target_ids, (0, padded - n))
+        outs = [self._token_logprobs_program(self.params, hidden[rows[i:i + r]], target_ids[i:i + r])
+                for i in range(0, padded, r)]
+        return tuple(np.concatenate(parts)[:n] for parts in zip(*jax.device_get(outs)))
 
     def warmup(self) -> tuple[int, float]:
         """Compiles one forward program per token bucket (and a decode-only one for each of

@@ -70,6 +70,30 @@ def test_prompt_logprobs_zero_holds_only_the_actual_token(smollm2_llm):
     assert [list(e) for e in output.prompt_logprobs[1:]] == [[t] for t in tokens[1:]]
 
 
+def test_prompt_logprobs_over_several_slices(smollm2_llm):
+    """More rows than one prompt-logprob program takes: the slices' results, cut and joined,
+    equal numpy's log-softmax of the same hidden rows times the LM head."""
+    from jaxpaged.models.llama import lm_head_of
+    from jaxpaged.runner import MAX_LOGPROBS
+
+    runner = smollm2_llm.engine.runner
+    smollm2_llm.generate("Count with me: one, two, three, four, five, six", SamplingParams(
+        temperature=0, max_tokens=1), use_tqdm=False)  # leaves the step's hidden rows behind
+    hidden = np.asarray(runner._hidden, np.float64)  # [T, D]
+    n = 2 * runner.prompt_logprob_rows + 5
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, hidden.shape[0], n).astype(np.int32)
+    targets = rng.integers(0, smollm2_llm.engine.model_config.vocab_size, n).astype(np.int32)
+    target_lps, top_ids, top_lps = runner.prompt_logprobs(rows, targets)
+    assert target_lps.shape == (n,) and top_ids.shape == top_lps.shape == (n, MAX_LOGPROBS)
+    logits = hidden[rows] @ np.asarray(lm_head_of(runner.params), np.float64)  # [n, V]
+    want = logits - logits.max(-1, keepdims=True)
+    want -= np.log(np.exp(want).sum(-1, keepdims=True))
+    np.testing.assert_allclose(target_lps, want[np.arange(n), targets], atol=1e-4)
+    np.testing.assert_allclose(top_lps, -np.sort(-want, axis=-1)[:, :MAX_LOGPROBS], atol=1e-4)
+    np.testing.assert_allclose(np.take_along_axis(want, top_ids, axis=-1), top_lps, atol=1e-4)
+
+
 @pytest.mark.parametrize("value", [-1, 21, 1.5, True])
 def test_prompt_logprobs_validated(value):
     with pytest.raises(ValueError, match="prompt_logprobs"):
