@@ -69,7 +69,8 @@ def parse_args(argv=None):
     engine.add_argument("--max-model-len", type=int, default=2048)
     engine.add_argument("--max-num-seqs", type=int, default=128)
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    engine.add_argument("--token-buckets", type=int, nargs="+", default=[16, 64, 256, 512, 1024, 2048])
+    engine.add_argument("--token-buckets", type=int, nargs="+", default=None,
+                        help="default: the engine's (powers of two from 8 up to the token budget)")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     engine.add_argument("--attention-backend", default="auto")
     engine.add_argument("--server-timeout", type=float, default=360, help="seconds to /health")
@@ -112,7 +113,7 @@ def serve_args(args) -> list[str]:
     return ["--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype,
             "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-            "--token-buckets", *map(str, args.token_buckets),
+            *(["--token-buckets", *map(str, args.token_buckets)] if args.token_buckets else []),
             "--gpu-memory-utilization", str(args.gpu_memory_utilization),
             "--attention-backend", args.attention_backend]
 

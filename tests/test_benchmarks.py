@@ -226,6 +226,15 @@ def test_h100_serve_smoke(tmp_path, capsys):
     assert "rate inf" in capsys.readouterr().out
 
 
+def test_h100_serve_passes_token_buckets_only_when_given(tmp_path):
+    import h100_serve
+
+    base = ["--out-dir", str(tmp_path), "--vocab-size", "1000"]
+    assert "--token-buckets" not in h100_serve.serve_args(h100_serve.parse_args(base))
+    args = h100_serve.serve_args(h100_serve.parse_args(base + ["--token-buckets", "8", "2048"]))
+    assert args[args.index("--token-buckets"):][:3] == ["--token-buckets", "8", "2048"]
+
+
 def test_h100_llama8b_smoke(tmp_path, capsys):
     """Issue 6's one-command H100 script, at tiny shapes on CPU: every part runs and reports."""
     import h100_llama8b
