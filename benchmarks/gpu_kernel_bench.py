@@ -164,8 +164,8 @@ def main():
     ap.add_argument("--sweep-decode-only", action="store_true",
                     help="also decode-only split and tile variants on six shapes")
     ap.add_argument("--sweep-engine-decode", action="store_true",
-                    help="also decode-only tile/pipelining/warp variants at page 16, ctx 1024 "
-                         "(batch 1, 32, 256), and the defaults at pages 32 and 64")
+                    help="also decode-only tile/pipelining/warp variants at --page-size, ctx 1024 "
+                         "(batch 1, 32, 256), and the defaults at the other pages of 16, 32, 64")
     ap.add_argument("--sweep-splits", action="store_true",
                     help="also decode-only split counts 1-4 and the default at batch 16-128, ctx 1k-8k")
     ap.add_argument("--out", type=Path)
@@ -233,15 +233,16 @@ def main():
             for dec in [dict(num_splits=n) for n in (1, 2, 4, 8, 16) if batch * n <= 64] + [dict(pages_per_iter=2)]:
                 measure_row("decode", batch, 1, ctx, page, "decode_only", dict(decode=dec))
     if a.sweep_engine_decode and not a.smoke:
-        # An 8B engine's decode-only steps at page 16: keys per iteration x pipeline
-        # depth at 4 warps, then 8 warps at the default depth; pages of 32 and 64 at the defaults.
-        variants = [dict(pages_per_iter=p, num_stages=st) for p in (1, 2, 4, 8) for st in (2, 3, 4)]
-        variants += [dict(pages_per_iter=p, num_warps=8) for p in (2, 8)]
+        # An 8B engine's decode-only steps at --page-size: keys per iteration (up to 128) x
+        # pipeline depth at 4 warps, then 8 warps; the other page sizes at their defaults.
+        pages = [p for p in (1, 2, 4, 8) if p * page <= 128]
+        variants = [dict(pages_per_iter=p, num_stages=st) for p in pages for st in (2, 3, 4)]
+        variants += [dict(pages_per_iter=p, num_warps=8, num_stages=st) for p in pages for st in (2, 3)]
         for batch in (1, 32, 256):
-            measure_row("decode", batch, 1, 1024, 16, "decode_only", {})
+            measure_row("decode", batch, 1, 1024, page, "decode_only", {})
             for dec in variants:
-                measure_row("decode", batch, 1, 1024, 16, "decode_only", dict(decode=dec))
-            for page_size in (32, 64):
+                measure_row("decode", batch, 1, 1024, page, "decode_only", dict(decode=dec))
+            for page_size in sorted({16, 32, 64} - {page}):
                 measure_row("decode", batch, 1, 1024, page_size, "decode_only", {})
     if a.sweep_splits and not a.smoke:
         for batch, ctx in ((16, 2048), (16, 8192), (32, 1024), (32, 2048), (32, 8192), (64, 1024), (64, 2048),
