@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from conversions.gguf_reader import gguf_architecture, read_gguf
+from conversions.gguf_reader import gguf_architecture, hf_tensor_name, read_gguf
 from conversions.safetensors_reader import read_safetensors_dir
 from jaxpaged import model_source
 from jaxpaged.model_source import ModelSource, resolve_model
@@ -175,6 +175,58 @@ def _write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], *, hidden
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_gguf_tensors_match_gguf_reader(tmp_path, alignment):
+    """read_gguf reads the header itself (GGUFReader is slow on large vocabularies): every
+    tensor type it meets must come out as GGUFReader + dequantize give it (the oracle)."""
+    from gguf.constants import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(0)
+    hidden, ffn = 32, 64
+    plain = {"token_embd.weight": np.float32, "output_norm.weight": np.float32,
+             "blk.0.attn_q.weight": np.float16}
+    quantized = {"blk.0.attn_k.weight": Q.Q8_0, "blk.0.ffn_up.weight": Q.Q4_1,
+                 "blk.0.ffn_down.weight": Q.BF16}
+    shapes = {"token_embd.weight": (10, hidden), "output_norm.weight": (hidden,),
+              "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (16, hidden),
+              "blk.0.ffn_up.weight": (ffn, hidden), "blk.0.ffn_down.weight": (hidden, ffn)}
+    path = tmp_path / "mixed.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")  # not permuted: arrays compare as stored
+    for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, hidden),
+                       (writer.add_feed_forward_length, ffn), (writer.add_head_count, 2),
+                       (writer.add_head_count_kv, 1)):
+        add(value)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bc", "ü"] * 50)
+    if alignment:
+        writer.add_custom_alignment(alignment)
+    for name, shape in shapes.items():
+        array = rng.standard_normal(shape).astype(np.float32)
+        if name in plain:
+            writer.add_tensor(name, array.astype(plain[name]))
+        else:
+            writer.add_tensor(name, quantize(array, quantized[name]), raw_dtype=quantized[name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours = dict(read_gguf(path))
+    oracle = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+              for t in gguf.GGUFReader(path).tensors}
+    assert len(ours) == len(oracle) == len(shapes)
+    for name, shape in shapes.items():
+        np.testing.assert_array_equal(ours[hf_tensor_name(name)], oracle[name])
+        assert ours[hf_tensor_name(name)].shape == shape
+
+
+def test_gguf_truncated_file(tmp_path):
+    path = _write_gguf(tmp_path / "cut.gguf", "llama", {"token_embd.weight": np.ones((4, 8), np.float32)})
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(ValueError, match=r"cut\.gguf: GGUF tensor token_embd\.weight runs past the end"):
+        list(read_gguf(path))
 
 
 def test_gguf_unsupported_architecture(tmp_path):
