@@ -83,13 +83,8 @@ def gguf_architecture(path: str | Path) -> str:
     ~50k-entry vocabulary) and takes seconds; the architecture is normally the first key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        header = f.read(24)
-        if len(header) < 24 or header[:4] != b"GGUF":
-            raise ValueError(f"{path.name} is not a GGUF file")
-        _magic, version, _num_tensors, num_kv = struct.unpack("<4sIQQ", header)
+    with _open_file(path) as f:
+        version, _num_tensors, num_kv = _read_counts(f, path)
         if version > 0xFFFF:  # a big-endian file: GGUFReader knows how to read those
             return _architecture(_open(path))
         for _ in range(num_kv):
@@ -99,6 +94,22 @@ def gguf_architecture(path: str | Path) -> str:
                 return _read_str(f)
             _skip_value(f, value_type)
     raise ValueError(f"{path.name}: GGUF file has no general.architecture metadata")
+
+
+def _open_file(path: Path) -> BinaryIO:
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return open(path, "rb")
+
+
+def _read_counts(f: BinaryIO, path: Path) -> tuple[int, int, int]:
+    """(version, tensor count, metadata count) from the start of a GGUF file; a version above
+    0xFFFF means the file is big-endian."""
+    header = f.read(24)
+    if len(header) < 24 or header[:4] != b"GGUF":
+        raise ValueError(f"{path.name} is not a GGUF file")
+    _magic, version, num_tensors, num_kv = struct.unpack("<4sIQQ", header)
+    return version, num_tensors, num_kv
 
 
 def _read_str(f: BinaryIO) -> str:
@@ -126,13 +137,15 @@ def read_gguf(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
 
     Tied embeddings stay tied: a GGUF without `output.weight` yields no `lm_head.weight`.
     """
-    arch = gguf_architecture(path)
+    metadata, tensors = _read_tensor_table(Path(path))
+    arch = metadata.get("general.architecture")
+    if arch is None:
+        raise ValueError(f"{Path(path).name}: GGUF file has no general.architecture metadata")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{Path(path).name}: unsupported GGUF architecture {arch!r}; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (Mistral GGUFs use the llama architecture)"
         )
-    metadata, tensors = _read_tensor_table(Path(path))
     dims = _dims(metadata, arch)
     for name, qtype, gguf_shape, data in tensors:
         if name in _IGNORED:
@@ -194,8 +207,8 @@ def _read_tensor_table(path: Path) -> tuple[dict, list]:
     vocabulary and merge strings included, into numpy views, and took 5.3 s of the 8.7 s that
     loading SmolLM2's GGUF took on a CI core. Big-endian files go through `GGUFReader`.
     """
-    with open(path, "rb") as f:
-        _magic, version, num_tensors, num_kv = struct.unpack("<4sIQQ", f.read(24))
+    with _open_file(path) as f:
+        version, num_tensors, num_kv = _read_counts(f, path)
         if version > 0xFFFF:  # big-endian
             reader = _open(path)
             metadata = {name: field.contents() for name, field in reader.fields.items()}
