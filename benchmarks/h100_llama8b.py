@@ -388,7 +388,7 @@ def run_jax(args) -> dict:
         save()
 
     if args.engine_decode_steps and (args.deadline is None or time.time() < args.deadline):
-        floors = {row["batch"]: row.get("floor_ms") for row in report["decode"]}
+        floors = {row["batch"]: row for row in report["decode"]}
         report["engine_decode"] = engine_decode(llm.engine, args, floors, config.vocab_size)
         save()
 
@@ -417,7 +417,10 @@ def run_jax(args) -> dict:
 def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
     """Decode step time of the whole engine (scheduling, inputs, dispatch, sampling, host
     bookkeeping; async scheduling as configured) at ctx `args.context`: `batch` requests are
-    prefilled, then `args.engine_decode_steps` pure-decode steps are timed."""
+    prefilled, then `args.engine_decode_steps` pure-decode steps are timed. The prompts are
+    shorter than `args.context` by the tokens decoded before the middle of the timed steps, so
+    the timed steps' mean context is `args.context`; the floor is taken at the mean context
+    measured (the decode rows' floor scaled by its KV bytes)."""
     import numpy as np
 
     from jaxpaged.sampling_params import SamplingParams
@@ -436,20 +439,24 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
         max_tokens = min(prefill_steps + steps + args.engine_profile_steps + 8,
                          engine.max_model_len - args.context)
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        # Requests prefilled first decode during the later prefill steps: ~half of them each.
+        prompt_len = max(1, args.context - (prefill_steps // 2 + 2 + steps // 2))
         ids = [f"decode-{batch}-{i}" for i in range(batch)]
         for request_id in ids:
-            engine.add_request(request_id, rng.integers(100, vocab, args.context).tolist(), params)
+            engine.add_request(request_id, rng.integers(100, vocab, prompt_len).tolist(), params)
         started = set()
         while len(started) < batch:  # prefill until every request has its first token
             started.update(o.request_id for o in engine.step())
         for _ in range(2):
             engine.step()
-        sizes = []
+        sizes, contexts = [], [mean_context(engine)]
         with HostTimes(engine.runner) as host:
             begin = time.perf_counter()
             for _ in range(steps):
                 sizes.append(len(engine.step()))
             step_s = (time.perf_counter() - begin) / steps
+        contexts.append(mean_context(engine))
+        context = sum(contexts) / 2
         device = profile_engine_steps(engine, args.engine_profile_steps, sizes, args.out_dir)
         if min(sizes) != batch:
             raise RuntimeError(f"engine decode batch {batch}: steps returned {min(sizes)}..{max(sizes)} "
@@ -458,18 +465,32 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
             engine.abort(request_id)
         while engine.has_unfinished:  # the last dispatched step (async scheduling)
             engine.step()
-        floor = floors.get(batch)
-        rows.append({"batch": batch, "context": args.context, "steps": steps,
+        floor = floor_at(floors.get(batch), context)
+        rows.append({"batch": batch, "context": context, "prompt_len": prompt_len, "steps": steps,
                      "step_ms": 1e3 * step_s, "floor_ms": floor,
                      "ratio_to_floor": 1e3 * step_s / floor if floor else None,
                      "async_scheduling": engine.async_scheduling,
                      "host_ms_per_step": host.per_step(steps), "device_profile": device})
-        print(f"engine decode batch {batch:4d} ctx ~{args.context}: {1e3 * step_s:.2f} ms/step"
+        print(f"engine decode batch {batch:4d} mean ctx {context:.0f}: {1e3 * step_s:.2f} ms/step"
               + (f" = {rows[-1]['ratio_to_floor']:.2f}x the floor" if floor else "")
               + "; host " + ", ".join(f"{k} {v:.2f}" for k, v in host.per_step(steps).items())
               + (f"; device busy {device['busy_ms']:.2f}, idle {device['idle_ms']:.2f} ms/step"
                  if device.get("kernels_per_step") else ""), flush=True)
     return rows
+
+
+def mean_context(engine) -> float:
+    """Mean tokens in the cache (or being computed) over the engine's running requests."""
+    running = engine.scheduler.running
+    return sum(r.num_computed_tokens for r in running) / max(len(running), 1)
+
+
+def floor_at(row: dict | None, context: float) -> float | None:
+    """A decode row's floor (ms) with its KV bytes scaled from the row's context to `context`."""
+    if not row:
+        return None
+    kv_bytes = row["kv_bytes"] * context / row["context"]
+    return row["floor_ms"] * (row["weight_bytes"] + kv_bytes) / (row["weight_bytes"] + row["kv_bytes"])
 
 
 class HostTimes:
@@ -727,11 +748,13 @@ def render_markdown(s: dict) -> str:
                   "bookkeeping; async scheduling "
                   f"{'on' if j['engine_decode'][0]['async_scheduling'] else 'off'}), "
                   "pure-decode steps after prefill:", "",
-                  "| batch | engine step | floor | step/floor |", "| --- | --- | --- | --- |"]
+                  "| batch | mean ctx | engine step | floor at that ctx | step/floor |",
+                  "| --- | --- | --- | --- | --- |"]
         for row in j["engine_decode"]:
             ratio = f"{row['ratio_to_floor']:.2f}x" if row.get("ratio_to_floor") else "-"
             floor = f"{row['floor_ms']:.2f} ms" if row.get("floor_ms") else "-"
-            lines.append(f"| {row['batch']} | {row['step_ms']:.2f} ms | {floor} | {ratio} |")
+            lines.append(f"| {row['batch']} | {row['context']:.0f} | {row['step_ms']:.2f} ms | "
+                         f"{floor} | {ratio} |")
         lines.append("")
     m = j.get("mixed_step")
     if m:

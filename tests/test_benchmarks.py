@@ -249,6 +249,9 @@ def test_h100_llama8b_smoke(tmp_path, capsys):
     # engine_decode raises if a timed step returned fewer rows than the batch
     assert [row["batch"] for row in report["engine_decode"]] == list(args.batches)
     for row in report["engine_decode"]:  # host split; a profile with no GPU kernels on CPU
+        # the timed steps are centred on the decode rows' context, whose floor they are held to
+        assert abs(row["context"] - args.context) <= 3 and row["prompt_len"] < args.context
+        assert row["floor_ms"] > 0
         assert row["host_ms_per_step"]["dispatch_ms"] > 0
         assert row["host_ms_per_step"]["fetch_wait_ms"] >= 0
         assert row["device_profile"] == {"kernels": 0}
