@@ -15,7 +15,7 @@ Triton decode kernel (`decode_impl=`) on the same shapes in one run; `--kernel-o
 path, no metadata ops) for batch 1 and 32, which separates the kernel from the op's fixed costs;
 `--sweep-triton` adds Triton tile/pipelining/split variants; `--sweep-decode-only`
 split/tile/pipelining variants of the decode-only op; `--sweep-engine-decode` its tile,
-pipelining and warp variants at page 16 (the engine's page before session 9), ctx 1024; `--sweep-prefill` prefill block, warp
+pipelining, warp and split variants at --page-size, ctx 1024, for --engine-batches; `--sweep-prefill` prefill block, warp
 and pipelining variants; `--md` writes a side-by-side table.
 
     python benchmarks/gpu_kernel_bench.py --sweep --out results.json
@@ -166,6 +166,10 @@ def main():
     ap.add_argument("--sweep-engine-decode", action="store_true",
                     help="also decode-only tile/pipelining/warp variants at --page-size, ctx 1024 "
                          "(batch 1, 32, 256), and the defaults at the other pages of 16, 32, 64")
+    ap.add_argument("--engine-batches", type=int, nargs="+", default=[1, 32, 256],
+                    help="the batches of --sweep-engine-decode")
+    ap.add_argument("--no-cases", action="store_true",
+                    help="only the sweeps asked for, not the decode/prefill shape grid")
     ap.add_argument("--sweep-splits", action="store_true",
                     help="also decode-only split counts 1-4 and the default at batch 16-128, ctx 1k-8k")
     ap.add_argument("--out", type=Path)
@@ -214,7 +218,7 @@ def main():
         if a.md:
             a.md.write_text(markdown_table(rows, device, ceilings))
 
-    for kind, batch, q_len, ctx in cases:
+    for kind, batch, q_len, ctx in [] if a.no_cases else cases:
         opts = dict(q_block_size=4) if a.smoke and kind == "prefill" else {}
         for impl in a.decode_impl if kind == "decode" else a.decode_impl[:1]:
             measure_row(kind, batch, q_len, ctx, page, impl, opts)
@@ -238,7 +242,8 @@ def main():
         pages = [p for p in (1, 2, 4, 8) if p * page <= 128]
         variants = [dict(pages_per_iter=p, num_stages=st) for p in pages for st in (2, 3, 4)]
         variants += [dict(pages_per_iter=p, num_warps=8, num_stages=st) for p in pages for st in (2, 3)]
-        for batch in (1, 32, 256):
+        variants += [dict(num_warps=2), dict(num_splits=2)]
+        for batch in a.engine_batches:
             measure_row("decode", batch, 1, 1024, page, "decode_only", {})
             for dec in variants:
                 measure_row("decode", batch, 1, 1024, page, "decode_only", dict(decode=dec))
