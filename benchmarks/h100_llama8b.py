@@ -388,8 +388,8 @@ def run_jax(args) -> dict:
         save()
 
     if args.engine_decode_steps and (args.deadline is None or time.time() < args.deadline):
-        floors = {row["batch"]: row for row in report["decode"]}
-        report["engine_decode"] = engine_decode(llm.engine, args, floors, config.vocab_size)
+        decode_rows = {row["batch"]: row for row in report["decode"]}
+        report["engine_decode"] = engine_decode(llm.engine, args, decode_rows, config.vocab_size)
         save()
 
     if args.prefix_cache and (args.deadline is None or time.time() < args.deadline):
@@ -414,13 +414,13 @@ def run_jax(args) -> dict:
     return report
 
 
-def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
+def engine_decode(engine, args, decode_rows: dict, vocab: int) -> list[dict]:
     """Decode step time of the whole engine (scheduling, inputs, dispatch, sampling, host
     bookkeeping; async scheduling as configured) at ctx `args.context`: `batch` requests are
     prefilled, then `args.engine_decode_steps` pure-decode steps are timed. The prompts are
     shorter than `args.context` by the tokens decoded before the middle of the timed steps, so
     the timed steps' mean context is `args.context`; the floor is taken at the mean context
-    measured (the decode rows' floor scaled by its KV bytes)."""
+    measured (`decode_rows`' floor at `args.context`, its KV bytes scaled)."""
     import numpy as np
 
     from jaxpaged.sampling_params import SamplingParams
@@ -465,7 +465,7 @@ def engine_decode(engine, args, floors: dict, vocab: int) -> list[dict]:
             engine.abort(request_id)
         while engine.has_unfinished:  # the last dispatched step (async scheduling)
             engine.step()
-        floor = floor_at(floors.get(batch), context)
+        floor = floor_at(decode_rows.get(batch), context)
         rows.append({"batch": batch, "context": context, "prompt_len": prompt_len, "steps": steps,
                      "step_ms": 1e3 * step_s, "floor_ms": floor,
                      "ratio_to_floor": 1e3 * step_s / floor if floor else None,

@@ -6,9 +6,9 @@ compiled), then again (warm: JAX's persistent compilation cache serves the progr
 "Ready" is the moment `LLM(...)` has returned, i.e. weights are on the device and every bucket's
 program is compiled. The child also reports its own breakdown: imports, engine construction,
 warm-up, programs, JAX's compile events (`backend_compile_duration`, which fires for programs
-served from the persistent cache too) and the persistent cache's hits and misses. JAX only stores
-programs whose compile took at least `jax_persistent_cache_min_compile_time_secs` (0.5 s here), so
-the smallest programs are compiled again on every start.
+served from the persistent cache too) and the persistent cache's hits and misses. The engine
+stores every program, however quickly it compiles (`jax_persistent_cache_min_compile_time_secs`
+0), so a warm start compiles nothing.
 """
 
 import json
