@@ -124,6 +124,10 @@ def test_bench_startup_command(tmp_path, capsys):
         assert report[run]["programs"] == 15  # 2 token buckets, 12 sampler variants, the scorer
         assert report[run]["seconds_to_ready"] > report[run]["engine_seconds"] > 0
     assert report["cold"]["backend_compiles"] >= 1
+    # A warm start compiles nothing: every program, however small, comes from the cache.
+    warm = report["warm"]
+    assert warm["persistent_cache_misses"] == 0
+    assert warm["persistent_cache_hits"] == warm["backend_compiles"] > 0
     assert "cold:" in capsys.readouterr().out
 
 
