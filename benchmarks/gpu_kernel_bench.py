@@ -15,8 +15,9 @@ Triton decode kernel (`decode_impl=`) on the same shapes in one run; `--kernel-o
 path, no metadata ops) for batch 1 and 32, which separates the kernel from the op's fixed costs;
 `--sweep-triton` adds Triton tile/pipelining/split variants; `--sweep-decode-only`
 split/tile/pipelining variants of the decode-only op; `--sweep-engine-decode` its tile,
-pipelining, warp and split variants at --page-size, ctx 1024, for --engine-batches; `--sweep-prefill` prefill block, warp
-and pipelining variants; `--md` writes a side-by-side table.
+pipelining, warp and split variants at --page-size, ctx 1024, for --engine-batches (`--no-cases`:
+the sweeps alone); `--sweep-prefill` prefill block, warp and pipelining variants; `--md` writes a
+side-by-side table.
 
     python benchmarks/gpu_kernel_bench.py --sweep --out results.json
     python benchmarks/gpu_kernel_bench.py --decode-only --no-ref --decode-impl pallas triton --out r.json --md r.md
@@ -164,8 +165,8 @@ def main():
     ap.add_argument("--sweep-decode-only", action="store_true",
                     help="also decode-only split and tile variants on six shapes")
     ap.add_argument("--sweep-engine-decode", action="store_true",
-                    help="also decode-only tile/pipelining/warp variants at --page-size, ctx 1024 "
-                         "(batch 1, 32, 256), and the defaults at the other pages of 16, 32, 64")
+                    help="also decode-only tile/pipelining/warp/split variants at --page-size, "
+                         "ctx 1024 (--engine-batches), and the defaults at the other pages of 16, 32, 64")
     ap.add_argument("--engine-batches", type=int, nargs="+", default=[1, 32, 256],
                     help="the batches of --sweep-engine-decode")
     ap.add_argument("--no-cases", action="store_true",

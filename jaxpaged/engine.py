@@ -355,10 +355,10 @@ def resolve_dtype(name: str):
 
 
 def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache under the jaxpaged cache dir (set once per process),
-    for every program however quickly it compiles: at JAX's threshold of a second, or 0.5 s,
-    the eight random-weight draws of an 8B dummy model (~0.23 s each on the H100) compiled anew
-    at every start, 1.8 s of a warm one."""
+    """JAX's persistent compilation cache under the jaxpaged cache dir (set once per process).
+    It keeps every program, however quickly it compiled: with a threshold (0.5 s here before)
+    the eight random-weight draws of an 8B dummy model, ~0.23 s each on the H100, compiled
+    again on every start."""
     from jaxpaged.model_source import cache_dir
 
     if jax.config.jax_compilation_cache_dir is None:
