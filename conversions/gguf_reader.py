@@ -76,26 +76,6 @@ class _Dims:
     v_head_dim: int
 
 
-def gguf_architecture(path: str | Path) -> str:
-    """The `general.architecture` of a GGUF file, e.g. "llama".
-
-    Scans the metadata header directly: `GGUFReader` parses every field (including a
-    ~50k-entry vocabulary) and takes seconds; the architecture is normally the first key.
-    """
-    path = Path(path)
-    with _open_file(path) as f:
-        version, _num_tensors, num_kv = _read_counts(f, path)
-        if version > 0xFFFF:  # a big-endian file: GGUFReader knows how to read those
-            return _architecture(_open(path))
-        for _ in range(num_kv):
-            key = _read_str(f)
-            (value_type,) = struct.unpack("<I", f.read(4))
-            if key == "general.architecture" and value_type == GGUFValueType.STRING:
-                return _read_str(f)
-            _skip_value(f, value_type)
-    raise ValueError(f"{path.name}: GGUF file has no general.architecture metadata")
-
-
 def _open_file(path: Path) -> BinaryIO:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -192,13 +172,6 @@ def unpermute_qk_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _open(path: str | Path) -> GGUFReader:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    return GGUFReader(path)
-
-
 def _read_tensor_table(path: Path) -> tuple[dict, list]:
     """(scalar metadata, [(name, type, numpy shape, raw data)]) of a GGUF file, the raw data
     (bytes, or typed values for F32/F16) as `gguf.quants.dequantize` takes it.
@@ -210,7 +183,7 @@ def _read_tensor_table(path: Path) -> tuple[dict, list]:
     with _open_file(path) as f:
         version, num_tensors, num_kv = _read_counts(f, path)
         if version > 0xFFFF:  # big-endian
-            reader = _open(path)
+            reader = GGUFReader(path)
             metadata = {name: field.contents() for name, field in reader.fields.items()}
             return metadata, [(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
                                t.data) for t in reader.tensors]
@@ -245,13 +218,6 @@ def _read_tensor_table(path: Path) -> tuple[dict, list]:
             raise ValueError(f"{path.name}: GGUF tensor {name} runs past the end of the file")
         tensors.append((name, qtype, shape, raw.reshape(quant_shape_to_byte_shape(shape, qtype))))
     return metadata, tensors
-
-
-def _architecture(reader: GGUFReader) -> str:
-    field = reader.get_field("general.architecture")
-    if field is None:
-        raise ValueError("GGUF file has no general.architecture metadata")
-    return str(field.contents())
 
 
 def _dims(metadata: dict, arch: str) -> _Dims:

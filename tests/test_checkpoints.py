@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from conversions.gguf_reader import gguf_architecture, hf_tensor_name, read_gguf
+from conversions.gguf_reader import _read_tensor_table, hf_tensor_name, read_gguf
 from conversions.safetensors_reader import read_safetensors_dir
 from jaxpaged import model_source
 from jaxpaged.model_source import ModelSource, resolve_model
@@ -57,7 +57,7 @@ def test_default_model_resolves_to_cached_gguf(smollm2_gguf):
     source = resolve_model(None)
     assert source == ModelSource("gguf", smollm2_gguf, model_source.DEFAULT_MODEL)
     assert source.files() == [smollm2_gguf]
-    assert gguf_architecture(smollm2_gguf) == "llama"
+    assert _read_tensor_table(smollm2_gguf)[0]["general.architecture"] == "llama"
 
 
 @pytest.mark.slow
@@ -158,8 +158,8 @@ def _write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], *, hidden
     writer.add_feed_forward_length(ffn)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    # Extra fields of every value type, and the architecture moved last, so that
-    # gguf_architecture's header scan has to skip them.
+    # Extra fields of every value type, and the architecture moved last, so that the header
+    # reader has to skip or parse them all before it.
     writer.add_array("tokenizer.ggml.tokens", ["a", "bc", "ü"])
     writer.add_array("test.floats", [1.0, 2.5])
     writer.add_string("general.name", "tiny")
@@ -231,7 +231,7 @@ def test_gguf_truncated_file(tmp_path):
 
 def test_gguf_unsupported_architecture(tmp_path):
     path = _write_gguf(tmp_path / "tiny-bert.gguf", "bert", {"token_embd.weight": np.zeros((4, 8), np.float32)})
-    assert gguf_architecture(path) == "bert"
+    assert _read_tensor_table(path)[0]["general.architecture"] == "bert"
     assert list(gguf.GGUFReader(path).fields)[-1] == "general.architecture"  # scan had to skip the rest
     with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'bert'.*llama, qwen2, qwen3"):
         list(read_gguf(path))
