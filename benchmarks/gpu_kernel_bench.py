@@ -89,12 +89,12 @@ def matmul_rate(n, rounds):
     return 2 * n**3 / t
 
 
-def make_args(batch, q_len, ctx, *, hq, hkv, d, page_size, dtype, seed=0):
+def make_args(batch, q_len, ctx, *, hq, hkv, d, page_size, dtype, kv_dtype, seed=0):
     pages_per_seq = -(-ctx // page_size)
     num_pages = batch * pages_per_seq + 1
     rng = np.random.default_rng(seed)
     t = batch * q_len
-    kv = jax.random.normal(jax.random.key(seed), get_kv_cache_shape(num_pages, page_size, hkv, d), dtype)
+    kv = jax.random.normal(jax.random.key(seed), get_kv_cache_shape(num_pages, page_size, hkv, d), dtype).astype(kv_dtype)
     page_indices = jnp.asarray(rng.permutation(num_pages)[: batch * pages_per_seq].reshape(batch, pages_per_seq), jnp.int32)
     r = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), dtype)
     return (r(t, hq, d), r(t, hkv, d), r(t, hkv, d), kv, jnp.full((batch,), ctx, jnp.int32), page_indices,
@@ -110,8 +110,9 @@ def triton_kernel_only(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_
     return out, kv_pages
 
 
-def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype, rounds, interpret, ceilings, loop):
-    args = make_args(batch, q_len, ctx, hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=dtype)
+def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype, kv_dtype, rounds, interpret,
+            ceilings, loop):
+    args = make_args(batch, q_len, ctx, hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=dtype, kv_dtype=kv_dtype)
     static = dict(sm_scale=d**-0.5)
     if impl == "ref":
         op = lambda *x: ragged_paged_attention_reference(*x, **static)
@@ -132,11 +133,12 @@ def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype
     del args
     item = jnp.dtype(dtype).itemsize
     tokens = batch * q_len
-    nbytes = batch * ctx * 2 * hkv * d * item + tokens * (2 * hq + 2 * hkv) * d * item
+    nbytes = batch * ctx * 2 * hkv * d * jnp.dtype(kv_dtype).itemsize + tokens * (2 * hq + 2 * hkv) * d * item
     # Causal: query at position p attends p + 1 keys; QK^T and PV are 2 flops per multiply-add each.
     attended = batch * sum(ctx - q_len + j + 1 for j in range(q_len))
     flops = 4 * hq * d * attended
     row = dict(kind=kind, batch=batch, q_len=q_len, ctx=ctx, page_size=page_size, impl=impl, loop=loop,
+               kv_dtype=jnp.dtype(kv_dtype).name,
                opts={k: v for k, v in opts.items()}, ms=t * 1e3, gbps=nbytes / t / 1e9,
                of_copy=nbytes / t / ceilings["copy"], tflops=flops / t / 1e12, of_matmul=flops / t / ceilings["matmul"])
     print(f"{kind:8} {batch:5} {q_len:5} {ctx:6} {page_size:4} {impl:13} {json.dumps(row['opts']):58} "
@@ -173,6 +175,8 @@ def main():
                     help="only the sweeps asked for, not the decode/prefill shape grid")
     ap.add_argument("--sweep-splits", action="store_true",
                     help="also decode-only split counts 1-4 and the default at batch 16-128, ctx 1k-8k")
+    ap.add_argument("--kv-dtype", default="bfloat16",
+                    help="the cache's dtype (float8_e4m3fn: the engine's --kv-cache-dtype fp8)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--md", type=Path, help="also write a markdown table of the decode rows, impls side by side")
     a = ap.parse_args()
@@ -208,7 +212,8 @@ def main():
 
     def measure_row(*args, **kw):
         try:
-            rows.append(measure(*args, hq=hq, hkv=hkv, d=d, dtype=dtype, rounds=rounds, interpret=a.interpret,
+            rows.append(measure(*args, hq=hq, hkv=hkv, d=d, dtype=dtype, kv_dtype=jnp.dtype(a.kv_dtype),
+                                rounds=rounds, interpret=a.interpret,
                                 ceilings=ceilings, loop=1 if a.smoke else a.loop, **kw))
         except Exception as e:  # a variant that fails to compile must not cost the rest of the run
             if a.smoke:

@@ -62,6 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--quantization", default=None,
                         help="fp8: FP8 linear weights (the engine's --quantization; the baseline stays bf16)")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="the engine's --kv-cache-dtype (auto: bf16; fp8: one byte per value)")
     parser.add_argument("--page-size", type=int, default=None,
                         help="the engine's page size (default: the engine's for the platform)")
     parser.add_argument("--offline-seconds", type=float, default=240,
@@ -224,6 +226,7 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     import numpy as np
 
     from jaxpaged.bench.roofline import decode_batch_inputs, default_page_size
+    from jaxpaged.engine import resolve_kv_dtype
     from jaxpaged.runner import ModelRunner
 
     page_size = default_page_size()
@@ -232,14 +235,15 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
                          max_num_seqs=batch, pages_per_seq=pages_per_seq,
                          max_model_len=args.context + 1, token_buckets=(bucket,),
-                         attention_backend=args.attention_backend, kv_dtype=dtype,
+                         attention_backend=args.attention_backend,
+                         kv_dtype=resolve_kv_dtype(args.kv_cache_dtype, dtype),
                          quantization=args.quantization)
     # Random (not zero) KV, replaced one layer at a time: building a whole second cache while the
     # zeros are alive needs twice the KV memory (that OOMed at batch 256 on the H100).
     for i, key in enumerate(jax.random.split(jax.random.key(1), len(runner.kv_pages))):
         shape, kv_dtype = runner.kv_pages[i].shape, runner.kv_pages[i].dtype
         runner.kv_pages[i] = None
-        runner.kv_pages[i] = jax.random.normal(key, shape, kv_dtype)
+        runner.kv_pages[i] = jax.random.normal(key, shape, dtype).astype(kv_dtype)
     programs, compile_seconds = runner.warmup()
     inputs, _ = decode_batch_inputs(batch, args.context, config.vocab_size, page_size, bucket)
     # What the engine runs for this step (its decode-only program where the backend has one),
@@ -267,7 +271,7 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     sample_s = median_seconds(lambda: jax.block_until_ready(sample(logits, sampling_buffer)),
                               repeats)
     kv_bytes = (config.num_layers * batch * args.context * 2 * config.num_kv_heads
-                * config.head_dim * np.dtype(dtype).itemsize)
+                * config.head_dim * np.dtype(kv_dtype).itemsize)
     floor = (weight_bytes + kv_bytes) / bandwidth
     row = {"batch": batch, "context": args.context, "step_ms": 1e3 * step,
            "forward_ms": 1e3 * forward_s, "mixed_program_forward_ms": 1e3 * mixed_s,
@@ -299,7 +303,7 @@ def engine_kwargs(args) -> dict:
                 token_buckets=tuple(args.token_buckets) if args.token_buckets else None,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 attention_backend=args.attention_backend, page_size=args.page_size,
-                quantization=args.quantization)
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def run_jax(args) -> dict:
@@ -319,7 +323,8 @@ def run_jax(args) -> dict:
     attention_module.FUSED_SPLIT_MERGE = not args.xla_split_merge
     out = Path(args.out_dir)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "quantization": args.quantization, "attention_backend": resolve_backend(args.attention_backend, jax.devices()[0].platform),
+              "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+              "attention_backend": resolve_backend(args.attention_backend, jax.devices()[0].platform),
               "fused_split_merge": attention_module.FUSED_SPLIT_MERGE}
 
     def save():
@@ -718,6 +723,8 @@ def summarize(out: Path, args, argv: list[str], seconds: float) -> dict:
 def render_markdown(s: dict) -> str:
     j, hf = s.get("jax") or {}, s.get("hf")
     weights = "bf16" if not j.get("quantization") else f"{j['quantization']} linear weights (bf16 otherwise)"
+    if j.get("kv_cache_dtype", "auto") != "auto":
+        weights += f", {j['kv_cache_dtype']} KV cache"
     lines = [f"# Llama-3.1-8B-shaped, {weights}, random weights: {j.get('device', '?')}", "",
              "Command:", "", f"    {s['command']}", "",
              f"jax {j.get('jax', '?')}, attention backend `{j.get('attention_backend', '?')}`; "

@@ -23,6 +23,8 @@ _FLAG_HELP = {
     "page_size": "tokens per KV-cache page, a power of two (default: 64 on NVIDIA GPUs, 16 elsewhere)",
     "load_format": "auto (read the checkpoint) or dummy (random weights of the model's shapes; "
                    "also for shipped configs: llama-3.1-8b, llama-3.2-1b, qwen2.5-7b)",
+    "kv_cache_dtype": "auto (the model dtype), fp8 (= fp8_e4m3) or fp8_e5m2: store the KV cache in "
+                      "one byte per value (twice the pages, half the bytes a decode step reads)",
     "quantization": "fp8: quantize the linear weights to FP8 (e4m3, per output channel) as they "
                     "load, activations per token (default: none)",
 }

@@ -12,6 +12,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; "fp8" is e4m3
 QUANTIZATIONS = ("fp8",)  # what jaxpaged.models.quant implements  # dummy: random weights of the model's shapes, made on device
 
 # transformers' class defaults for the config.json fields `from_hf_config` reads, per family: a
@@ -155,6 +156,11 @@ class EngineConfig:
     # "fp8": linear weights quantized to e4m3 per output channel as they load, activations per
     # token in the step (jaxpaged.models.quant); None: the model dtype throughout.
     quantization: str | None = None
+    # The KV cache's storage dtype. "auto": the model dtype; "fp8" (= "fp8_e4m3") or "fp8_e5m2":
+    # one byte per value, so twice the pages in the same memory and half the bytes a decode step
+    # reads. Values are rounded (saturating) as they are stored, with no scale (vLLM's default
+    # of 1.0), and widened to the model dtype where attention reads them.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         def positive(name):
@@ -167,6 +173,9 @@ class EngineConfig:
             positive(name)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
                              f"got {self.load_format!r}")

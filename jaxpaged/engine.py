@@ -64,6 +64,7 @@ class Engine:
         self.generation_defaults = self.source.generation_config(self.tokenizer)
         read_tokenizer = time.perf_counter()
         self.dtype = resolve_dtype(config.dtype)  # the first device query starts the backend
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype)
         self.plan = ShardingPlan.build(self.model_config, config.tensor_parallel_size)
         for note in self.plan.notes:
             logger.info("tensor parallelism: %s", note)
@@ -91,7 +92,7 @@ class Engine:
             self.model_config, self.params, num_pages=num_pages, page_size=self.page_size,
             max_num_seqs=config.max_num_seqs, pages_per_seq=self.pages_per_seq,
             max_model_len=self.max_model_len, token_buckets=self.token_buckets,
-            attention_backend=config.attention_backend, kv_dtype=self.dtype, plan=self.plan,
+            attention_backend=config.attention_backend, kv_dtype=self.kv_dtype, plan=self.plan,
             quantization=config.quantization)
         self.eos_token_ids = self._eos_token_ids()
         self.groups: dict[str, RequestGroup] = {}
@@ -327,7 +328,7 @@ class Engine:
         if config.num_pages:
             return config.num_pages
         per_page = kv_bytes_per_page(self.plan.config, self.page_size,
-                                     jnp.dtype(self.dtype).itemsize, config.tensor_parallel_size)
+                                     jnp.dtype(self.kv_dtype).itemsize, config.tensor_parallel_size)
         budget = config.kv_cache_memory_bytes or device_kv_budget(self.params, config.gpu_memory_utilization)
         if budget is None:  # CPU: enough for every sequence at full length, within a fixed budget
             full = config.max_num_seqs * self.pages_per_seq * per_page
@@ -352,6 +353,12 @@ def resolve_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
+
+
+def resolve_kv_dtype(name: str, model_dtype):
+    """The KV cache's dtype for EngineConfig.kv_cache_dtype: the model's, or an FP8 format."""
+    return {"auto": jnp.dtype(model_dtype), "fp8": jnp.dtype(jnp.float8_e4m3fn),
+            "fp8_e4m3": jnp.dtype(jnp.float8_e4m3fn), "fp8_e5m2": jnp.dtype(jnp.float8_e5m2)}[name]
 
 
 def enable_compilation_cache() -> None:

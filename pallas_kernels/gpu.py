@@ -51,7 +51,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, decode_rows
 from pallas_kernels.gpu_splits import NUM_SMS, num_splits_for, split_count, wave_size
-from pallas_kernels.reference import _token_layout, _validate
+from pallas_kernels.reference import _token_layout, _validate, to_cache_dtype
 
 
 def compiled_supports(page_size: int, head_dim: int) -> bool:
@@ -89,8 +89,8 @@ def _write_kernel(dest_ref, k_ref, v_ref, kv_in_ref, kv_ref):
 
     @pl.when(page >= 0)
     def _():
-        kv_ref[page, row, 2 * h, :] = k_ref[t, h, :].astype(kv_ref.dtype)
-        kv_ref[page, row, 2 * h + 1, :] = v_ref[t, h, :].astype(kv_ref.dtype)
+        kv_ref[page, row, 2 * h, :] = to_cache_dtype(k_ref[t, h, :], kv_ref.dtype)
+        kv_ref[page, row, 2 * h + 1, :] = to_cache_dtype(v_ref[t, h, :], kv_ref.dtype)
 
 
 def _write_new_kv(kv_pages, k, v, page_indices, tok_seq, tok_pos, tok_valid, interpret):
@@ -173,6 +173,7 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
             cache_row = pages_ref[seq * pages_per_seq + col] * page_size + key_pos % page_size  # [C]
             k = kv_ref[cache_row, 2 * h, :]  # [C, D]
             v = kv_ref[cache_row, 2 * h + 1, :]  # [C, D]
+        k, v = k.astype(q.dtype), v.astype(q.dtype)  # an FP8 cache is widened to q's dtype
         s = _mm(q, k, trans_b=True, exact=exact) * sm_scale  # [M, C]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
@@ -272,6 +273,8 @@ def ragged_paged_attention_gpu(
     dec = {**defaults, **(decode or {})}
     if decode_impl == "triton":
         triton_decode.check_options(**dec)
+        if kv_pages.dtype.itemsize == 1:
+            raise ValueError("decode_impl='triton' does not read an FP8 cache; use the default 'pallas'")
     if rope is not None:
         if not decode_only:
             raise ValueError("rope= is only fused into the decode-only kernel (decode_only=True); "

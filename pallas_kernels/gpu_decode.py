@@ -44,6 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gpu_splits import (MIN_SPLITS_KEYS, NUM_SMS, decode_only_programs, min_splits_for,
                                        num_splits_for, split_count, wave_size)
+from pallas_kernels.reference import to_cache_dtype
 
 
 def _next_pow2(n: int) -> int:
@@ -68,10 +69,11 @@ def _attend(q_parts, kv_ref, page_at, h, begin, num_iters, num_keys, q_pos, *, s
     def page_step(col, stats):
         m, l, acc = stats
         page = page_at(col)
-        s = sum(plgpu.dot(part, kv_ref[page, :, 2 * h, pl.ds(lo, part.shape[1])], trans_b=True,
-                          allow_tf32=not exact)
+        # An FP8 cache is widened to q's dtype after the load (the bytes read are halved).
+        s = sum(plgpu.dot(part, kv_ref[page, :, 2 * h, pl.ds(lo, part.shape[1])].astype(part.dtype),
+                          trans_b=True, allow_tf32=not exact)
                 for part, lo in zip(q_parts, starts)) * sm_scale  # [M, P]
-        v = kv_ref[page, :, 2 * h + 1, :]  # [P, D]
+        v = kv_ref[page, :, 2 * h + 1, :].astype(q_parts[0].dtype)  # [P, D]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         key_pos = col * page_size + lax.broadcasted_iota(jnp.int32, (1, page_size), 1)  # [1, P]
@@ -275,12 +277,17 @@ def _decode_only_kernel(meta_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, sin_
             q_parts = _rotate_half(*q_parts, [c[None, :] for c in cos], [s[None, :] for s in sin])
             k_parts = _rotate_half(*k_parts, cos, sin)
 
+        # The new K/V as the cache stores them (rounded, for an FP8 cache), so this step attends
+        # to the same values as every later one.
+        k_stored = [to_cache_dtype(part, kv_ref.dtype) for part in k_parts]
+        v_stored = to_cache_dtype(new_v, kv_ref.dtype)
+
         @pl.when((split == 0) & (kv_len > 0))
         def _():
             page, row = page_at((kv_len - 1) // page_size), (kv_len - 1) % page_size
-            for part, (lo, width) in zip(k_parts, parts):
-                kv_ref[page, row, 2 * h, pl.ds(lo, width)] = part.astype(kv_ref.dtype)
-            kv_ref[page, row, 2 * h + 1, :] = new_v.astype(kv_ref.dtype)
+            for part, (lo, width) in zip(k_stored, parts):
+                kv_ref[page, row, 2 * h, pl.ds(lo, width)] = part
+            kv_ref[page, row, 2 * h + 1, :] = v_stored
 
         # The cache's first kv_len - 1 keys, then (split 0) the new one: the row being written
         # is never read, so no program depends on split 0's store.
@@ -290,7 +297,7 @@ def _decode_only_kernel(meta_ref, kv_lens_ref, pages_ref, qkv_ref, cos_ref, sin_
         stats = _attend(q_parts, kv_ref, page_at, h, begin, num_iters, q_pos, q_pos,
                         page_size=page_size, pages_per_iter=pages_per_iter,
                         sliding_window=sliding_window, **attend)
-        stats = _add_key(stats, q_parts, k_parts, new_v, (split == 0) & (kv_len > 0),
+        stats = _add_key(stats, q_parts, k_stored, v_stored, (split == 0) & (kv_len > 0),
                          sm_scale=attend["sm_scale"], soft_cap=attend["soft_cap"])
         out, lse = _finish(stats)
         mask = jnp.broadcast_to(g < group, out.shape)

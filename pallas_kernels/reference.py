@@ -6,7 +6,9 @@ q_len positions of a sequence that is kv_lens[i] long after this step. The op fi
 new K/V of every real token into its page, then runs causal attention over each sequence's pages.
 
 Cache layout (owned here, see `get_kv_cache_shape`): [num_pages, page_size, 2 * num_kv_heads,
-head_dim] with K of kv-head h at index 2h and V at 2h + 1.
+head_dim] with K of kv-head h at index 2h and V at 2h + 1. The cache may be stored in an FP8
+dtype (the engine's kv_cache_dtype="fp8"): new K/V are rounded into it with `to_cache_dtype`
+(saturating, no scale) and read back in float32, so every backend attends to the stored values.
 
 The computation stays cheap under `jax.jit` with static shapes, because every loop runs only as
 far as the real data: sequences with one query token (decodes) are handled together, one slot
@@ -25,6 +27,17 @@ from jax import lax
 def get_kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
     """Shape of `kv_pages`: K and V interleaved along axis 2 (K of head h at 2h, V at 2h + 1)."""
     return (num_pages, page_size, 2 * num_kv_heads, head_dim)
+
+
+def to_cache_dtype(x, dtype):
+    """x rounded to the cache's dtype. FP8 saturates at its largest finite value (±448 for e4m3,
+    whose cast of anything larger is NaN), as vLLM's FP8 cache does; there is no scale (vLLM's
+    default of 1.0), since keys and values of the models served sit far inside that range."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -limit, limit)
+    return x.astype(dtype)
 
 
 def _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> None:
@@ -68,7 +81,7 @@ def _write_new_kv(kv_pages, k, v, page_indices, seq, pos, valid):
     # Padding tokens aim at page `num_pages`, which mode="drop" discards.
     page = jnp.where(valid, page_indices[seq, slot], num_pages)  # [T]
     new_kv = jnp.stack([k, v], axis=2).reshape(k.shape[0], -1, k.shape[2])  # [T, 2*Hkv, D]
-    return kv_pages.at[page, pos % page_size].set(new_kv.astype(kv_pages.dtype), mode="drop")
+    return kv_pages.at[page, pos % page_size].set(to_cache_dtype(new_kv, kv_pages.dtype), mode="drop")
 
 
 def _online_softmax_step(carry, s, v):

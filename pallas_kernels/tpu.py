@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.reference import _token_layout, _validate
+from pallas_kernels.reference import _token_layout, _validate, to_cache_dtype
 
 # VMEM per TensorCore by device_kind substring (MiB); unknown chips and CPU get the smallest.
 _VMEM_MIB = (("v5 lite", 128), ("v5e", 128), ("v6", 128), ("v5p", 64), ("7x", 64), ("v4", 16))
@@ -170,10 +170,12 @@ def _kernel(meta_ref, pages_ref,  # SMEM: [NB*3], [S*pages_per_seq]
             # sublanes; Mosaic may want them read as uint32 and split (interpret mode cannot bitcast refs).
             k = kv[pl.ds(2 * h, chunk, stride=two_hkv), :]  # [C, D]
             v = kv[pl.ds(2 * h + 1, chunk, stride=two_hkv), :]  # [C, D]
-            v = jnp.where(v_ok, v, jnp.zeros_like(v))
             q = q_ref[0, h]  # [M, D]
-            dtype = jnp.promote_types(q.dtype, k.dtype)
-            s = lax.dot_general(q.astype(dtype), k.astype(dtype), (((1,), (1,)), ((), ())),
+            # An FP8 cache (no implicit promotion) is widened to q's dtype.
+            dtype = q.dtype if k.dtype.itemsize == 1 else jnp.promote_types(q.dtype, k.dtype)
+            q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+            v = jnp.where(v_ok, v, jnp.zeros_like(v))
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * sm_scale  # [M, C]
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -292,7 +294,7 @@ def ragged_paged_attention_tpu(
 
     cu, q_lens, tok_seq, tok_j, _, tok_valid = _token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
     real = jnp.arange(num_seqs_max) < num_seqs[0]  # [S]
-    new_kv = jnp.stack([k, v], axis=2).reshape(num_tokens, two_hkv, head_dim).astype(kv_pages.dtype)  # [T, 2Hkv, D]
+    new_kv = to_cache_dtype(jnp.stack([k, v], axis=2).reshape(num_tokens, two_hkv, head_dim), kv_pages.dtype)  # [T, 2Hkv, D]
     new_kv = jnp.pad(new_kv, ((0, 1), (0, 0), (0, 0)))  # [T+1, 2Hkv, D] row T: dummy for padding rows
     q_pad = jnp.pad(q, ((0, 1), (0, 0), (0, 0)))  # [T+1, Hq, D]
     kv_flat = kv_pages.reshape(num_pages, page_size * two_hkv, head_dim)  # free: row-major bitcast

@@ -53,10 +53,15 @@ def rotate_half(x, cos, sin):
 
 
 def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4, num_kv_heads=1, head_dim=64, page_size=8,
-          q_block_size=4, kv_block_size=16, atol=1e-4, **kw):
+          q_block_size=4, kv_block_size=16, atol=1e-4, kv_dtype=None, **kw):
+    """kv_dtype: the cache's dtype when it differs from q/k/v's (an FP8 cache); then one new
+    key holds values past e4m3's largest, which both ops must saturate alike."""
     args = make_batch(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       page_size=page_size, dtype=dtype, pad_tokens=kw.pop("pad_tokens", 0),
                       pad_seqs=kw.pop("pad_seqs", 0))
+    if kv_dtype is not None:
+        k = args[1].at[0, 0, :2].set(jnp.asarray([1e5, -1e5], dtype))
+        args = (args[0], k, args[2], args[3].astype(kv_dtype), *args[4:])
     decode, decode_only = kw.pop("decode", None), kw.pop("decode_only", False)
     # fused_merge: the split merge inside the decode-only kernel, with the counters it leaves zero
     counts = jnp.zeros(args[0].shape[0] * num_kv_heads + 3, jnp.int32) if kw.pop("fused_merge", False) else None
@@ -80,7 +85,9 @@ def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4
     if rope is None:
         np.testing.assert_array_equal(got_kv, want_kv)
     else:  # new keys rotated in the kernel: equal to rounding (NaN where the reference has NaN)
-        np.testing.assert_allclose(got_kv, want_kv, rtol=1e-6, atol=1e-6 if dtype == jnp.float32 else 1e-2)
+        # (in an FP8 cache a rounding difference can move a value by one e4m3 step, 2^-3)
+        rtol = 2.0**-3 if kv_dtype is not None else 1e-6
+        np.testing.assert_allclose(got_kv, want_kv, rtol=rtol, atol=1e-6 if dtype == jnp.float32 else 1e-2)
         np.testing.assert_array_equal(np.isnan(got_kv), np.isnan(want_kv))
 
 
@@ -206,6 +213,26 @@ def test_interpret_decode_only_matches_reference(seqs, heads, head_dim, page_siz
                             page_size=page_size, pad_seqs=1, decode_only=True, **opts)
 
 
+FP8_CASES = [
+    # (seqs, heads (q, kv), head_dim, page_size, options): the mixed op (KV-write, prefill and
+    # decode kernels; gathered and page-slice prefill blocks) and the decode-only kernel.
+    ([(1, 40), (9, 30), (1, 1), (17, 17)], (4, 2), 64, 8, dict(kv_block_size=16, decode=dict(num_splits=2))),
+    ([(20, 70), (1, 33)], (9, 3), 64, 16, dict(kv_block_size=16, sliding_window=30)),
+    ([(1, 100), (1, 37), (1, 16)], (4, 2), 64, 16, dict(decode_only=True, decode=dict(pages_per_iter=1), fused_merge=True)),
+    ([(1, 64), (1, 65)], (2, 2), 128, 32, dict(decode_only=True, decode=dict(num_splits=1, pages_per_iter=1), rope=True)),
+]
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("seqs,heads,head_dim,page_size,opts", FP8_CASES)
+def test_interpret_fp8_cache_matches_reference(seqs, heads, head_dim, page_size, opts, kv_dtype):
+    # The cache in FP8, q/k/v in float32: both ops store the same rounded (saturated) K/V and
+    # attend to what is stored; the reference is checked against a float64 oracle with an FP8
+    # cache in test_reference_attention.
+    check_against_reference(seqs, interpret=True, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                            page_size=page_size, kv_dtype=kv_dtype, pad_tokens=2, pad_seqs=1, **opts)
+
+
 def test_interpret_all_padding():
     # num_seqs == 0: every token is padding (NaN q/k/v); outputs are zeros, the cache untouched.
     rng = np.random.default_rng(7)
@@ -247,7 +274,9 @@ def test_compiled_matches_reference(dtype, atol, seqs, page_size, heads, head_di
     (16, (32, 8), 128, {}), (64, (9, 3), 64, dict(sliding_window=100)), (64, (32, 8), 128, dict(soft_cap=30.0)),
     (128, (16, 4), 128, {}), (32, (8, 2), 256, dict(decode_only=True)),
     (64, (32, 8), 128, dict(decode_only=True, rope=True)),
-    (64, (32, 8), 128, dict(decode_only=True, rope=True, fused_merge=True))])
+    (64, (32, 8), 128, dict(decode_only=True, rope=True, fused_merge=True)),
+    (64, (32, 8), 128, dict(kv_dtype=jnp.float8_e4m3fn)),
+    (64, (32, 8), 128, dict(decode_only=True, rope=True, fused_merge=True, kv_dtype=jnp.float8_e4m3fn))])
 def test_compiled_kernels_lower_for_cuda_on_any_host(page_size, heads, head_dim, kw):
     # Pallas' Triton lowering runs when the program is lowered, on any host: the compiled
     # geometries lower for CUDA here, so a lowering error (session 12's first page-slice prefill
@@ -256,6 +285,8 @@ def test_compiled_kernels_lower_for_cuda_on_any_host(page_size, heads, head_dim,
     seqs = [(1, 100), (1, 513), (1, 64)] if decode_only else [(200, 200), (37, 300), (1, 64), (17, 129)]
     args = make_batch(seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
                       page_size=page_size, dtype=jnp.bfloat16, pad_tokens=3, pad_seqs=1)
+    if "kv_dtype" in kw:  # an FP8 cache
+        args = (*args[:3], args[3].astype(kw.pop("kv_dtype")), *args[4:])
     tables = tuple(jnp.ones((args[0].shape[0], head_dim), jnp.float32) for _ in "cs") if rope else None
     counts = jnp.zeros(args[0].shape[0] * heads[1], jnp.int32) if kw.pop("fused_merge", False) else None
     op = jax.jit(lambda *a: ragged_paged_attention_gpu(*a, sm_scale=head_dim**-0.5, decode_only=decode_only,
@@ -265,6 +296,17 @@ def test_compiled_kernels_lower_for_cuda_on_any_host(page_size, heads, head_dim,
         assert "atomic_rmw" in text or "atom" in text.lower()
     kernels = ["decode_only"] if decode_only else ["kv_write", "prefill", "decode"]
     assert all(f"ragged_paged_attention_gpu_{name}" in text for name in kernels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("seqs,kw", [(GPU_SEQS[1], {}), (GPU_SEQS[2], dict(sliding_window=100)),
+                                     ([(1, n) for n in (100, 513, 2000, 1, 64, 4096)], dict(decode_only=True, rope=True, fused_merge=True)),
+                                     ([(1, 700)], dict(decode_only=True, rope=True, fused_merge=True))])
+def test_compiled_fp8_cache_matches_reference(kv_dtype, seqs, kw):
+    check_against_reference(seqs, interpret=False, dtype=jnp.bfloat16, atol=3e-2, num_q_heads=32, num_kv_heads=8,
+                            head_dim=128, page_size=64, q_block_size=16, kv_block_size=64, pad_tokens=3, pad_seqs=1,
+                            kv_dtype=kv_dtype, **kw)
 
 
 @pytest.mark.gpu

@@ -196,3 +196,31 @@ def test_cache_shape_and_validation():
         ragged_paged_attention_reference(q[:, :5], k, v, pages, kv_lens, page_indices, cu, n, sm_scale=1.0)
     with pytest.raises(ValueError, match="kv_pages"):
         ragged_paged_attention_reference(q, k, v, pages[..., :32], kv_lens, page_indices, cu, n, sm_scale=1.0)
+
+
+@pytest.mark.parametrize("kv_dtype", [ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2], ids=lambda d: np.dtype(d).name)
+def test_fp8_cache_matches_oracle(kv_dtype):
+    # An FP8 cache (kv_cache_dtype="fp8"): new K/V are stored rounded, saturating at the format's
+    # largest finite value, and attention reads what is stored. The oracle gets the rounded
+    # values (ml_dtypes' conversion, independent of jnp's) and the float32 cache they came from.
+    config = (16, 64, 8, 2, None, None, 32, 8, F32)
+    rng = np.random.default_rng(4)
+    q, k, v, pages, kv_lens, page_indices, cu, n = make_batch(
+        rng, scenario("mixed", 16), page_size=16, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype=F32)
+    k[0, 0, :4] = [1e5, -1e5, 470.0, -300.0]  # past the largest value of both formats, and in e5m2 only
+    limit = float(ml_dtypes.finfo(kv_dtype).max)
+    stored = lambda x: np.clip(x, -limit, limit).astype(kv_dtype)
+    pages = pages.astype(kv_dtype)  # NaN where no data, as in the engine's recycled pages
+    opts = dict(sm_scale=0.125, sliding_window=None, soft_cap=None)
+    out, new_pages = ragged_paged_attention_reference_jit(q, k, v, pages, kv_lens, page_indices, cu, n,
+                                                          kv_chunk_size=32, q_block_size=8, **opts)
+    want_out, want_pages = oracle(q, stored(k).astype(F32), stored(v).astype(F32), pages.astype(F32),
+                                  kv_lens, page_indices, cu, n, **opts)
+    assert np.asarray(new_pages).dtype == kv_dtype
+    num_real = cu[n[0]]
+    np.testing.assert_allclose(np.asarray(out)[:num_real], want_out[:num_real], atol=1e-5, rtol=1e-5)
+    # Value for value (NaN where NaN: e5m2 has several NaN encodings, which round trips change).
+    np.testing.assert_array_equal(np.asarray(new_pages).astype(F32), want_pages.astype(kv_dtype).astype(F32))
+    pos = kv_lens[0] - (cu[1] - cu[0])  # token 0 is sequence 0's first query
+    written = np.asarray(new_pages)[page_indices[0, pos // 16], pos % 16, 0, :2].astype(F32)
+    assert written.tolist() == [limit, -limit]  # saturated, not NaN or inf

@@ -56,9 +56,13 @@ def make_batches(seq_lists, *, num_q_heads, num_kv_heads, head_dim, page_size, d
 
 
 def check_against_reference(seq_lists, *, dtype=jnp.float32, num_q_heads=4, num_kv_heads=1, head_dim=64,
-                            page_size=16, atol=1e-4, pad_tokens=0, pad_seqs=0, interpret=True, **kw):
+                            page_size=16, atol=1e-4, pad_tokens=0, pad_seqs=0, interpret=True, kv_dtype=None, **kw):
+    """kv_dtype: the cache's dtype when it differs from q/k/v's (an FP8 cache)."""
     batches = make_batches(seq_lists, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                            page_size=page_size, dtype=dtype, pad_tokens=pad_tokens, pad_seqs=pad_seqs)
+    if kv_dtype is not None:  # one new key past e4m3's largest value: saturated by both ops
+        batches = [(q, k.at[0, 0, :2].set(jnp.asarray([1e5, -1e5], dtype)), v, kv.astype(kv_dtype), *rest)
+                   for q, k, v, kv, *rest in batches]
     static = dict(sm_scale=head_dim**-0.5, sliding_window=kw.pop("sliding_window", None),
                   soft_cap=kw.pop("soft_cap", None))
     reference = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **static))
@@ -101,6 +105,8 @@ CASES = [
     dict(seqs=[[(1, 7), (3, 10)]], head_dim=256, num_q_heads=2, num_kv_heads=1, q_block_size=4),
     dict(seqs=[MIXED], dtype=jnp.bfloat16, atol=2e-2, num_q_heads=4, num_kv_heads=2, q_block_size=8,
          pages_per_kv_block=2),
+    dict(seqs=[MIXED, DECODE], kv_dtype=jnp.float8_e4m3fn, num_q_heads=4, num_kv_heads=2, q_block_size=4,
+         pages_per_kv_block=2),  # an FP8 cache
 ]
 
 
@@ -142,9 +148,10 @@ def test_bad_batch_kind():
         ragged_paged_attention_tpu(*args, sm_scale=1.0, batch_kind="chunked", interpret=True)
 
 
-@pytest.mark.parametrize("dtype,head_dim,page_size,heads",
-                         [(jnp.bfloat16, 128, 16, (32, 8)), (jnp.float32, 64, 32, (12, 4))])
-def test_lowers_to_mosaic(monkeypatch, dtype, head_dim, page_size, heads):
+@pytest.mark.parametrize("dtype,head_dim,page_size,heads,kv_dtype",
+                         [(jnp.bfloat16, 128, 16, (32, 8), None), (jnp.float32, 64, 32, (12, 4), None),
+                          (jnp.bfloat16, 128, 16, (32, 8), jnp.float8_e4m3fn)])
+def test_lowers_to_mosaic(monkeypatch, dtype, head_dim, page_size, heads, kv_dtype):
     """Pallas' Mosaic lowering (Python side, no libtpu) accepts every op of the kernel. The lowering
     asks which TPU it targets; on CPU we tell it a v5e. Mosaic's own compile needs a TPU."""
     try:
@@ -155,6 +162,8 @@ def test_lowers_to_mosaic(monkeypatch, dtype, head_dim, page_size, heads):
     monkeypatch.setattr(tpu_info, "get_tpu_info", lambda: info)
     [args] = make_batches([[(1, 40), (20, 60), (7, 7)]], num_q_heads=heads[0], num_kv_heads=heads[1],
                           head_dim=head_dim, page_size=page_size, dtype=dtype, pad_tokens=4, pad_seqs=1)
+    if kv_dtype is not None:
+        args = (*args[:3], args[3].astype(kv_dtype), *args[4:])
     op = lambda *a: ragged_paged_attention_tpu(*a, sm_scale=0.1, sliding_window=16, soft_cap=30.0, q_block_size=8)
     text = jax.jit(op).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") >= 2  # the decode call and the prefill call

@@ -107,6 +107,7 @@ def engine_summary(engine) -> dict:
     return {"model": engine.source.name, "load_format": config.load_format,
             "quantization": config.quantization,
             "dtype": jax.numpy.dtype(engine.dtype).name,
+            "kv_cache_dtype": jax.numpy.dtype(engine.kv_dtype).name,
             "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
             "attention_backend": resolve_backend(config.attention_backend, device.platform),
             "num_pages": engine.pages.num_pages, "page_size": engine.page_size,
