@@ -57,6 +57,7 @@ def run_tp(model: str, tp_sizes, out: Path, *, dtype: str = "float32", devices: 
 
 def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
     quantization = os.environ.get("TP_TEST_QUANTIZATION") or None  # "fp8": quantized as it loads
+    kv_dtype = os.environ.get("TP_TEST_KV_DTYPE") or dtype  # e.g. float8_e4m3fn: an FP8 cache
     if os.environ.get("TP_TEST_FP8_MIN_ROWS"):  # which path of quant.linear the bucket takes
         from jaxpaged.models import quant
 
@@ -114,10 +115,12 @@ def worker(model: str, out: str, dtype: str, tp_sizes: list[int]) -> None:
         runner = ModelRunner(config, params, num_pages=num_seqs * pages_per_seq, page_size=page_size,
                              max_num_seqs=num_seqs, pages_per_seq=pages_per_seq,
                              max_model_len=page_size * pages_per_seq, token_buckets=(bucket,),
-                             attention_backend="reference", kv_dtype=jnp.dtype(dtype), plan=plan,
+                             attention_backend="reference", kv_dtype=kv_dtype, plan=plan,
                              quantization=quantization)
         if runner.kv_pages[0].sharding != plan.kv_pages_sharding:
             errors.append(f"TP={tp} kv_pages sharding {runner.kv_pages[0].sharding}")
+        if runner.kv_pages[0].dtype != jnp.dtype(kv_dtype):
+            errors.append(f"TP={tp} kv_pages dtype {runner.kv_pages[0].dtype}, not {kv_dtype}")
         sequences = [list(p) for p in PROMPTS]
         computed = [0] * num_seqs
         page_indices = np.arange(num_seqs * pages_per_seq, dtype=np.int32).reshape(num_seqs, -1)
@@ -202,6 +205,17 @@ def test_fp8_tiny_family_tp_matches_tp1(family, min_rows, tmp_path):
     results = run_tp(str(tmp_path / "ckpt"), (1, 2, 4), tmp_path / "out.npz",
                      extra_env={"TP_TEST_QUANTIZATION": "fp8", "TP_TEST_FP8_MIN_ROWS": str(min_rows)})
     check_against_tp1(results, (1, 2, 4))
+
+
+def test_fp8_cache_tp_matches_tp1(tmp_path):
+    """An FP8 KV cache split over KV heads (TP=1's FP8 cache is checked against transformers in
+    tests/test_fp8_kv_cache.py)."""
+    from test_models import family_config, save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", family_config("llama"))
+    results = run_tp(str(tmp_path / "ckpt"), (1, 2), tmp_path / "out.npz",
+                     extra_env={"TP_TEST_KV_DTYPE": "float8_e4m3fn"})
+    check_against_tp1(results, (1, 2))
 
 
 @pytest.mark.slow
