@@ -65,6 +65,11 @@ class Engine:
         read_tokenizer = time.perf_counter()
         self.dtype = resolve_dtype(config.dtype)  # the first device query starts the backend
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype)
+        if self.kv_dtype.itemsize < 4 and jax.devices()[0].platform == "cpu":
+            # XLA's CPU backend widens a bf16 or FP8 array to update a slice of it: every step
+            # converts each layer's whole cache twice (SmolLM2 decode ~18x slower in FP8).
+            logger.warning("a %s KV cache on CPU is correct but slow: each step converts the whole "
+                           "cache; use it on GPUs and TPUs", self.kv_dtype.name)
         self.plan = ShardingPlan.build(self.model_config, config.tensor_parallel_size)
         for note in self.plan.notes:
             logger.info("tensor parallelism: %s", note)
