@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, decode_rows
+from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, decode_rows, dot_dtype
 from pallas_kernels.gpu_splits import NUM_SMS, num_splits_for, split_count, wave_size
 from pallas_kernels.reference import _token_layout, _validate, to_cache_dtype
 
@@ -148,7 +148,8 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
     b, h = pl.program_id(0), pl.program_id(1)
     seq, start, rows, pos0, kv_len = (meta_ref[b, i] for i in range(5))
     m_rows = bq * group_pad
-    q = q_ref[h, pl.ds(start * group_pad, m_rows), :]  # [M, D]
+    dtype = dot_dtype(q_ref.dtype, kv_ref.dtype)  # an FP8 cache is widened to this after its loads
+    q = q_ref[h, pl.ds(start * group_pad, m_rows), :].astype(dtype)  # [M, D]
     head_dim = q.shape[-1]
     r = lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0) // group_pad  # [M, 1] token row of each M row
     q_pos = pos0 + r  # [M, 1]
@@ -173,7 +174,7 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
             cache_row = pages_ref[seq * pages_per_seq + col] * page_size + key_pos % page_size  # [C]
             k = kv_ref[cache_row, 2 * h, :]  # [C, D]
             v = kv_ref[cache_row, 2 * h + 1, :]  # [C, D]
-        k, v = k.astype(q.dtype), v.astype(q.dtype)  # an FP8 cache is widened to q's dtype
+        k, v = k.astype(dtype), v.astype(dtype)
         s = _mm(q, k, trans_b=True, exact=exact) * sm_scale  # [M, C]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)

@@ -220,6 +220,10 @@ FP8_CASES = [
     ([(20, 70), (1, 33)], (9, 3), 64, 16, dict(kv_block_size=16, sliding_window=30)),
     ([(1, 100), (1, 37), (1, 16)], (4, 2), 64, 16, dict(decode_only=True, decode=dict(pages_per_iter=1), fused_merge=True)),
     ([(1, 64), (1, 65)], (2, 2), 128, 32, dict(decode_only=True, decode=dict(num_splits=1, pages_per_iter=1), rope=True)),
+    # bf16 q/k/v: the dots run in float16 (`gpu_decode.dot_dtype`)
+    ([(1, 40), (9, 30), (17, 17)], (4, 2), 64, 16, dict(kv_block_size=16, dtype=jnp.bfloat16, atol=3e-2)),
+    ([(1, 100), (1, 37)], (4, 2), 64, 16, dict(decode_only=True, rope=True, dtype=jnp.bfloat16, atol=3e-2,
+                                               decode=dict(pages_per_iter=1), fused_merge=True)),
 ]
 
 
