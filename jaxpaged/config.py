@@ -11,9 +11,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOAD_FORMATS = ("auto", "dummy")
+LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the model's shapes, made on device
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; "fp8" is e4m3
-QUANTIZATIONS = ("fp8",)  # what jaxpaged.models.quant implements  # dummy: random weights of the model's shapes, made on device
+QUANTIZATIONS = ("fp8",)  # what jaxpaged.models.quant implements
 
 # transformers' class defaults for the config.json fields `from_hf_config` reads, per family: a
 # config.json may leave any of them out, and transformers fills them from its config class. The
@@ -159,7 +159,7 @@ class EngineConfig:
     # The KV cache's storage dtype. "auto": the model dtype; "fp8" (= "fp8_e4m3") or "fp8_e5m2":
     # one byte per value, so twice the pages in the same memory and half the bytes a decode step
     # reads. Values are rounded (saturating) as they are stored, with no scale (vLLM's default
-    # of 1.0), and widened to the model dtype where attention reads them.
+    # of 1.0), and widened where attention reads them (pallas_kernels.reference.to_cache_dtype).
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self):

@@ -54,10 +54,11 @@ def _next_pow2(n: int) -> int:
 def dot_dtype(q_dtype, kv_dtype):
     """The inputs' dtype of the attention dots: q's, except that a 16-bit query over an FP8 cache
     computes in float16. Every e4m3 and e5m2 value is exactly a float16, one conversion
-    instruction per pair on Hopper; the widening to bfloat16 takes several, and on the H100 it
-    kept an FP8 decode step at batch 256 to 0.71 of the copy rate. Queries and probabilities
-    lose nothing in float16 (three more mantissa bits than bfloat16; queries stay far below its
-    largest value, 65504)."""
+    instruction per pair on Hopper; the widening to bfloat16 takes several. With bf16 dots the
+    decode-only op over an FP8 cache read it at 0.71 of the copy rate (H100, batch 256); the
+    float16 dots took an 8B engine decode step there from 14.12 to 13.21 ms
+    (benchmarks/results/h100_session19.md). Queries and probabilities lose nothing in float16
+    (three more mantissa bits than bfloat16; queries stay far below its largest value, 65504)."""
     if jnp.dtype(kv_dtype).itemsize == 1 and jnp.dtype(q_dtype).itemsize == 2:
         return jnp.dtype(jnp.float16)
     return jnp.dtype(q_dtype)

@@ -32,7 +32,7 @@ def get_kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_d
 def to_cache_dtype(x, dtype):
     """x rounded to the cache's dtype. FP8 saturates at its largest finite value (±448 for e4m3,
     whose cast of anything larger is NaN), as vLLM's FP8 cache does; there is no scale (vLLM's
-    default of 1.0), since keys and values of the models served sit far inside that range."""
+    default of 1.0, which assumes the model's keys and values stay inside that range)."""
     dtype = jnp.dtype(dtype)
     if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
         limit = float(jnp.finfo(dtype).max)

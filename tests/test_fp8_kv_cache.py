@@ -16,7 +16,8 @@ import transformers
 
 import jaxpaged
 from jaxpaged.config import EngineConfig
-from test_models import ENGINE_ARGS, PROMPT_LENS, VOCAB, family_config, run_engine, save_checkpoint
+from test_models import (ENGINE_ARGS, PROMPT_LENS, VOCAB, family_config, run_engine, save_checkpoint,
+                         transformers_logits)
 
 NUM_DECODE_STEPS = 8
 
@@ -29,14 +30,6 @@ class Fp8Cache(transformers.DynamicCache):
             return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
 
         return super().update(rounded(key_states), rounded(value_states), layer_idx, *args, **kwargs)
-
-
-def transformers_logits(model, tokens, num_prompt, cache=None):
-    # transformers 5.2x names the argument `cache`; earlier versions `past_key_values`.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.no_grad():
-        out = model(torch.tensor([tokens[:-1]]), use_cache=cache is not None, **{name: cache})
-    return out.logits[0, num_prompt - 1:].numpy()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -92,6 +85,7 @@ def test_smollm2_with_an_fp8_cache_matches_transformers(smollm2_path, hf_smollm2
     for prompt, output in zip(prompts, outputs):
         ids = tokenizer(prompt)["input_ids"]
         cache = Fp8Cache()
+        # transformers 5.2x names the argument `cache`, earlier versions `past_key_values`
         name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         with torch.no_grad():
             want = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, **{name: cache})
