@@ -230,18 +230,18 @@ def decode_step(args, params, config, dtype, bandwidth, batch, weight_bytes) -> 
     from jaxpaged.runner import ModelRunner
 
     page_size = default_page_size()
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, dtype)
     pages_per_seq = -(-(args.context + 1) // page_size)
     bucket = max(batch, 16)
     runner = ModelRunner(config, params, num_pages=batch * pages_per_seq, page_size=page_size,
                          max_num_seqs=batch, pages_per_seq=pages_per_seq,
                          max_model_len=args.context + 1, token_buckets=(bucket,),
-                         attention_backend=args.attention_backend,
-                         kv_dtype=resolve_kv_dtype(args.kv_cache_dtype, dtype),
+                         attention_backend=args.attention_backend, kv_dtype=kv_dtype,
                          quantization=args.quantization)
     # Random (not zero) KV, replaced one layer at a time: building a whole second cache while the
     # zeros are alive needs twice the KV memory (that OOMed at batch 256 on the H100).
     for i, key in enumerate(jax.random.split(jax.random.key(1), len(runner.kv_pages))):
-        shape, kv_dtype = runner.kv_pages[i].shape, runner.kv_pages[i].dtype
+        shape = runner.kv_pages[i].shape
         runner.kv_pages[i] = None
         runner.kv_pages[i] = jax.random.normal(key, shape, dtype).astype(kv_dtype)
     programs, compile_seconds = runner.warmup()

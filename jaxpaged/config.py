@@ -12,7 +12,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the model's shapes, made on device
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; "fp8" is e4m3
+# vLLM's names -> the cache's dtype name ("auto": the model dtype's; "fp8" is e4m3)
+KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 QUANTIZATIONS = ("fp8",)  # what jaxpaged.models.quant implements
 
 # transformers' class defaults for the config.json fields `from_hf_config` reads, per family: a

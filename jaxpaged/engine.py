@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.config import EngineConfig, pick_bucket
+from jaxpaged.config import KV_CACHE_DTYPES, EngineConfig, pick_bucket
 from jaxpaged.detokenizer import IncrementalDetokenizer
 from jaxpaged.model_source import resolve_model
 from jaxpaged.models.params import load_params, param_shardings, random_params
@@ -333,7 +333,7 @@ class Engine:
         if config.num_pages:
             return config.num_pages
         per_page = kv_bytes_per_page(self.plan.config, self.page_size,
-                                     jnp.dtype(self.kv_dtype).itemsize, config.tensor_parallel_size)
+                                     self.kv_dtype.itemsize, config.tensor_parallel_size)
         budget = config.kv_cache_memory_bytes or device_kv_budget(self.params, config.gpu_memory_utilization)
         if budget is None:  # CPU: enough for every sequence at full length, within a fixed budget
             full = config.max_num_seqs * self.pages_per_seq * per_page
@@ -362,8 +362,7 @@ def resolve_dtype(name: str):
 
 def resolve_kv_dtype(name: str, model_dtype):
     """The KV cache's dtype for EngineConfig.kv_cache_dtype: the model's, or an FP8 format."""
-    return {"auto": jnp.dtype(model_dtype), "fp8": jnp.dtype(jnp.float8_e4m3fn),
-            "fp8_e4m3": jnp.dtype(jnp.float8_e4m3fn), "fp8_e5m2": jnp.dtype(jnp.float8_e5m2)}[name]
+    return jnp.dtype(KV_CACHE_DTYPES[name] or model_dtype)
 
 
 def enable_compilation_cache() -> None:

@@ -7,8 +7,6 @@ the reference op in test_gpu_kernel and test_tpu_kernel, the reference against a
 in test_reference_attention.
 """
 
-import inspect
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +14,8 @@ import transformers
 
 import jaxpaged
 from jaxpaged.config import EngineConfig
-from test_models import (ENGINE_ARGS, PROMPT_LENS, VOCAB, family_config, run_engine, save_checkpoint,
-                         transformers_logits)
+from test_models import (ENGINE_ARGS, PROMPT_LENS, VOCAB, cache_kwargs, family_config, run_engine,
+                         save_checkpoint, transformers_logits)
 
 NUM_DECODE_STEPS = 8
 
@@ -85,9 +83,8 @@ def test_smollm2_with_an_fp8_cache_matches_transformers(smollm2_path, hf_smollm2
     for prompt, output in zip(prompts, outputs):
         ids = tokenizer(prompt)["input_ids"]
         cache = Fp8Cache()
-        # transformers 5.2x names the argument `cache`, earlier versions `past_key_values`
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         with torch.no_grad():
-            want = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, **{name: cache})
+            want = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                  **cache_kwargs(model, cache))
         assert cache.get_seq_length() == len(ids) + 23  # generate used (and filled) this cache
         assert output.outputs[0].token_ids == want[0, len(ids):].tolist(), prompt

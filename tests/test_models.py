@@ -133,14 +133,18 @@ def run_engine(llm, prompts: list[list[int]], num_decode_steps: int):
     return [steps[id(r)] for r in requests]
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The keyword that hands `cache` to a transformers model: `cache` in transformers 5.2x,
+    `past_key_values` before."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def transformers_logits(model, tokens: list[int], num_prompt: int, cache=None) -> np.ndarray:
     """Logits [num_generated, V] at the positions where the engine sampled, from one causal
     forward over the sequence alone (position p's logits see exactly tokens[:p + 1]). cache: a
     transformers Cache whose stored keys and values attention reads (None: no cache)."""
-    kwargs = {}
-    if cache is not None:  # transformers 5.2x names the argument `cache`, earlier versions `past_key_values`
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        kwargs = {name: cache, "use_cache": True}
+    kwargs = {} if cache is None else {**cache_kwargs(model, cache), "use_cache": True}
     with torch.no_grad():
         logits = model(torch.tensor([tokens[:-1]]), **kwargs).logits[0]  # [L - 1, V]
     return logits[num_prompt - 1:].numpy()
