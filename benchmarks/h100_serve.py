@@ -66,6 +66,9 @@ def parse_args(argv=None):
                         help="prompt token ids below it (default: the model's vocabulary)")
     engine = parser.add_argument_group("engine (jaxpaged serve flags)")
     engine.add_argument("--dtype", default="auto")
+    engine.add_argument("--quantization", default=None, help="fp8: FP8 linear weights")
+    engine.add_argument("--kv-cache-dtype", default="auto",
+                        help="auto: the model dtype; fp8: one byte per cached value")
     engine.add_argument("--max-model-len", type=int, default=2048)
     engine.add_argument("--max-num-seqs", type=int, default=128)
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -115,7 +118,8 @@ def serve_args(args) -> list[str]:
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             *(["--token-buckets", *map(str, args.token_buckets)] if args.token_buckets else []),
             "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-            "--attention-backend", args.attention_backend]
+            "--attention-backend", args.attention_backend, "--kv-cache-dtype", args.kv_cache_dtype,
+            *(["--quantization", args.quantization] if args.quantization else [])]
 
 
 def server_env(args, compile_cache: str) -> dict:
