@@ -22,6 +22,11 @@ from jaxpaged.step_inputs import AttentionMetadata
 # (two more launches a layer), kept for comparisons (the benchmarks' --xla-split-merge).
 FUSED_SPLIT_MERGE = True
 
+# On NVIDIA GPUs, prompts' first chunks attend through cuDNN's fused attention where this jax and
+# GPU offer it (`pallas_kernels.cudnn_prefill`); False: the Pallas prefill kernel takes every
+# chunk, kept for comparisons (the benchmarks' --pallas-prefill).
+CUDNN_PREFILL = True
+
 
 def resolve_backend(name: str, platform: str) -> str:
     if name not in ATTENTION_BACKENDS:
@@ -35,6 +40,20 @@ def resolve_backend(name: str, platform: str) -> str:
     return name
 
 
+def gpu_prefill_impl() -> str:
+    """The compiled GPU op's path for prompts' first chunks: "cudnn" where `CUDNN_PREFILL` is on
+    and this jax and GPU offer it, else "pallas"."""
+    from pallas_kernels import cudnn_prefill
+
+    return "cudnn" if CUDNN_PREFILL and cudnn_prefill.available() else "pallas"
+
+
+def first_chunk_attention(name: str, platform: str) -> str:
+    """What attends prompts' first chunks under backend `name`: "cudnn", or the backend itself."""
+    backend = resolve_backend(name, platform)
+    return gpu_prefill_impl() if (backend, platform) == ("pallas", "gpu") else backend
+
+
 def _pallas_op(platform: str):
     if platform == "tpu":
         # Imported only here: the TPU kernel needs the Mosaic TPU lowering.
@@ -44,7 +63,7 @@ def _pallas_op(platform: str):
     from pallas_kernels.gpu import ragged_paged_attention_gpu
 
     if platform == "gpu":
-        return functools.partial(ragged_paged_attention_gpu, interpret=False)
+        return functools.partial(ragged_paged_attention_gpu, interpret=False, prefill_impl=gpu_prefill_impl())
     # Interpret mode: one page per decode loop step, since unrolled pages only multiply compile time.
     return functools.partial(ragged_paged_attention_gpu, interpret=True, decode=dict(pages_per_iter=1))
 
@@ -111,4 +130,4 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
     return attention
 
 
-__all__ = ["get_kv_cache_shape", "has_decode_only", "make_attention", "resolve_backend"]
+__all__ = ["first_chunk_attention", "get_kv_cache_shape", "gpu_prefill_impl", "has_decode_only", "make_attention", "resolve_backend"]

@@ -49,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import cudnn_prefill
 from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, decode_rows, dot_dtype
 from pallas_kernels.gpu_splits import NUM_SMS, num_splits_for, split_count, wave_size
 from pallas_kernels.reference import _token_layout, _validate, to_cache_dtype
@@ -123,11 +124,10 @@ def _mm(a, b, *, trans_b: bool, exact: bool):
     return jnp.sum(a[:, None, :].astype(jnp.float32) * b[None, :, :].astype(jnp.float32), axis=-1)
 
 
-def _prefill_metadata(cu, q_lens, kv_lens, num_seqs, num_tokens, bq, num_blocks):
-    """Per query block of a prefill sequence: (seq, first token, rows, first row's position,
-    kv_len). Padding blocks have 0 rows."""
+def _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_blocks):
+    """Per query block of a prefill sequence (`is_prefill` [S]): (seq, first token, rows, first
+    row's position, kv_len). Padding blocks have 0 rows."""
     num_seqs_max = kv_lens.shape[0]
-    is_prefill = (jnp.arange(num_seqs_max) < num_seqs[0]) & (q_lens > 1)  # [S]
     blocks = jnp.where(is_prefill, -(-q_lens // bq), 0)  # [S]
     cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks).astype(jnp.int32)])  # [S+1]
     b = jnp.arange(num_blocks, dtype=jnp.int32)  # [NB]
@@ -137,7 +137,7 @@ def _prefill_metadata(cu, q_lens, kv_lens, num_seqs, num_tokens, bq, num_blocks)
     start = jnp.where(rows > 0, cu[seq] + first, 0)  # [NB]
     pos0 = kv_lens[seq] - q_lens[seq] + first  # [NB]
     meta = jnp.stack([seq, start, rows, pos0, jnp.where(rows > 0, kv_lens[seq], 0)], axis=1)  # [NB, 5]
-    return meta.astype(jnp.int32), is_prefill
+    return meta.astype(jnp.int32)
 
 
 def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, sliding_window, soft_cap,
@@ -209,6 +209,7 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
 
 DECODE_DEFAULTS = dict(pages_per_iter=None, num_splits=None, num_warps=4, num_stages=3, min_splits=None)
 DECODE_IMPLS = ("pallas", "triton")
+PREFILL_IMPLS = ("pallas", "cudnn")
 
 
 @jax.named_scope("ragged_paged_attention_gpu")
@@ -232,6 +233,7 @@ def ragged_paged_attention_gpu(
     decode: dict | None = None,
     decode_impl: str = "pallas",
     decode_only: bool = False,
+    prefill_impl: str = "pallas",
     rope=None,  # None or (cos, sin), each [T, head_dim] float32; decode_only only
     counts=None,  # None or int32 zeros [>= T * num_kv_heads]; decode_only only
     interpret: bool = False,
@@ -258,6 +260,8 @@ def ragged_paged_attention_gpu(
     """
     _validate(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     _validate_blocks(q, kv_pages, q_block_size, kv_block_size, interpret)
+    if prefill_impl not in PREFILL_IMPLS:
+        raise ValueError(f"prefill_impl must be one of {', '.join(PREFILL_IMPLS)}, got {prefill_impl!r}")
     if decode_impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {', '.join(DECODE_IMPLS)}, got {decode_impl!r}")
     if decode_impl == "triton":
@@ -313,7 +317,16 @@ def ragged_paged_attention_gpu(
 
     # Prefill sequences (q_len > 1). Each wastes at most one partial block; each has >= 2 tokens.
     num_blocks = -(-num_tokens // bq) + min(num_seqs_max, num_tokens // 2)
-    meta, is_prefill = _prefill_metadata(cu, q_lens, kv_lens, num_seqs, num_tokens, bq, num_blocks)
+    is_prefill = (jnp.arange(num_seqs_max) < num_seqs[0]) & (q_lens > 1)  # [S]
+    out_c = None
+    if prefill_impl == "cudnn" and cudnn_prefill.supports(q.dtype, head_dim, soft_cap):
+        # First chunks (no cached keys before them) go to cuDNN; the Pallas kernel takes the rest.
+        first = is_prefill & (kv_lens == q_lens)  # [S]
+        out_c = cudnn_prefill.first_chunk_attention(
+            q, k, v, jnp.where(first, cu[:-1], -1), jnp.where(first, q_lens, -1), sm_scale=sm_scale,
+            sliding_window=sliding_window, cache_dtype=kv_pages.dtype)
+        is_prefill &= ~first
+    meta = _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_blocks)
     kernel = functools.partial(
         _prefill_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
         group_pad=group_pad, bq=bq, page_size=page_size, pages_per_seq=pages_per_seq,
@@ -336,6 +349,8 @@ def ragged_paged_attention_gpu(
     out_p = out_p.transpose(1, 0, 2, 3)[:, :, :group].reshape(num_tokens, num_q_heads, head_dim)
     prefill_tok = tok_valid & is_prefill[tok_seq]  # [T]
     out = jnp.where(prefill_tok[:, None, None], out_p, jnp.zeros_like(out_p))  # others: unwritten
+    if out_c is not None:
+        out = jnp.where((tok_valid & first[tok_seq])[:, None, None], out_c, out)
     if decode_impl == "triton":  # decode rows written in place into `out`
         out = triton_decode.decode_attention_triton(
             out, q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,

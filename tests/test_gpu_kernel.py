@@ -53,9 +53,10 @@ def rotate_half(x, cos, sin):
 
 
 def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4, num_kv_heads=1, head_dim=64, page_size=8,
-          q_block_size=4, kv_block_size=16, atol=1e-4, kv_dtype=None, **kw):
+          q_block_size=4, kv_block_size=16, atol=1e-4, kv_dtype=None, prefill_impl="pallas", **kw):
     """kv_dtype: the cache's dtype when it differs from q/k/v's (an FP8 cache); then one new
-    key holds values past e4m3's largest, which both ops must saturate alike."""
+    key holds values past e4m3's largest, which both ops must saturate alike. prefill_impl: the
+    GPU op's path for first chunks (the reference has one path)."""
     args = make_batch(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       page_size=page_size, dtype=dtype, pad_tokens=kw.pop("pad_tokens", 0),
                       pad_seqs=kw.pop("pad_seqs", 0))
@@ -74,7 +75,7 @@ def check_against_reference(seqs, *, interpret, dtype=jnp.float32, num_q_heads=4
     want, want_kv = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **static))(*(ref_args if rope else args))
     got, got_kv, *got_counts = jax.jit(lambda *a: ragged_paged_attention_gpu(
         *a, q_block_size=q_block_size, kv_block_size=kv_block_size, decode=decode, decode_only=decode_only,
-        rope=rope, interpret=interpret, counts=counts,
+        rope=rope, interpret=interpret, counts=counts, prefill_impl=prefill_impl,
         **static))(*args)
     if counts is not None:
         assert np.asarray(got_counts[0]).tolist() == [0] * counts.shape[0]
@@ -311,6 +312,35 @@ def test_compiled_fp8_cache_matches_reference(kv_dtype, seqs, kw):
     check_against_reference(seqs, interpret=False, dtype=jnp.bfloat16, atol=3e-2, num_q_heads=32, num_kv_heads=8,
                             head_dim=128, page_size=64, q_block_size=16, kv_block_size=64, pad_tokens=3, pad_seqs=1,
                             kv_dtype=kv_dtype, **kw)
+
+
+# First chunks (q_len == kv_len) beside continuation chunks, decode rows and padding.
+FIRST_CHUNK_SEQS = [
+    [(200, 200), (37, 300), (1, 64), (65, 65)],
+    [(2, 2), (17, 17), (1, 900), (64, 64), (300, 300), (1000, 1000), (17, 129)],
+    [(37, 300), (1, 33), (17, 129)],  # no first chunk: cuDNN gets no segment
+    [(1, 5), (900, 900)],
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqs", FIRST_CHUNK_SEQS)
+@pytest.mark.parametrize("kw", [{}, dict(sliding_window=100), dict(kv_dtype=jnp.float8_e4m3fn),
+                                dict(num_q_heads=9, num_kv_heads=3, head_dim=64)])
+def test_compiled_cudnn_first_chunks_match_reference(seqs, kw):
+    from pallas_kernels import cudnn_prefill
+
+    assert cudnn_prefill.available(), "cuDNN's packed attention should run on this GPU and jax"
+    kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, **kw)
+    check_against_reference(seqs, interpret=False, dtype=jnp.bfloat16, atol=3e-2, page_size=64,
+                            q_block_size=16, kv_block_size=64, pad_tokens=3, pad_seqs=1,
+                            prefill_impl="cudnn", **kw)
+
+
+def test_prefill_impl_is_checked():
+    args = make_batch([(3, 3)], num_q_heads=2, num_kv_heads=1, head_dim=16, page_size=8, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="prefill_impl"):
+        ragged_paged_attention_gpu(*args, sm_scale=0.25, prefill_impl="flash", interpret=True)
 
 
 @pytest.mark.gpu

@@ -108,3 +108,32 @@ def test_engine_pallas_matches_reference_greedy_on_gpu(tmp_path_factory):
         want = greedy_token_ids(LLM(model, attention_backend="reference", **engine), 24)
         got = greedy_token_ids(LLM(model, attention_backend="pallas", **engine), 24)
     assert got == want
+
+
+@pytest.mark.gpu
+def test_engine_cudnn_first_chunks_on_gpu(tmp_path_factory):
+    # bf16: prompts' first chunks attend through cuDNN. Against the reference backend, the prompt
+    # logprobs may differ by bf16 rounding, but by no more than the Pallas prefill kernel's do
+    # (that kernel matches the reference in float32 above); a 45-token prompt over the 32-token
+    # budget puts its second chunk on the Pallas kernel.
+    from jaxpaged import attention
+
+    assert attention.gpu_prefill_impl() == "cudnn"
+    model = random_smollm2_dir(tmp_path_factory)
+    engine = dict(ENGINE, dtype="bfloat16", max_model_len=256, num_pages=64)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=0)
+
+    def prompt_logprobs(**kw):
+        outputs = LLM(model, **engine, **kw).generate(PROMPT_IDS, params, use_tqdm=False)
+        return np.array([lp for out in outputs for entry in out.prompt_logprobs[1:]
+                         for lp in entry.values()], np.float64)
+
+    want = prompt_logprobs(attention_backend="reference")
+    got = prompt_logprobs(attention_backend="pallas")
+    attention.CUDNN_PREFILL = False
+    try:
+        pallas_only = prompt_logprobs(attention_backend="pallas")
+    finally:
+        attention.CUDNN_PREFILL = True
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= max(2 * np.abs(pallas_only - want).max(), 0.02)
