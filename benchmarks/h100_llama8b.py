@@ -96,9 +96,9 @@ def parse_args(argv=None):
     parser.add_argument("--xla-split-merge", action="store_true",
                         help="experiment: XLA merges the decode kernel's splits after it "
                              "(attention.FUSED_SPLIT_MERGE off)")
-    parser.add_argument("--pallas-prefill", action="store_true",
-                        help="comparison: prompts' first chunks attend through the Pallas prefill "
-                             "kernel, not cuDNN (attention.CUDNN_PREFILL off)")
+    parser.add_argument("--cudnn-prefill", action="store_true",
+                        help="prompts' first chunks attend through cuDNN, not the Pallas prefill "
+                             "kernel (attention.CUDNN_PREFILL on)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="rebuild the summary from the part files already in --out-dir")
@@ -324,7 +324,7 @@ def run_jax(args) -> dict:
     from jaxpaged.models.params import random_params
 
     attention_module.FUSED_SPLIT_MERGE = not args.xla_split_merge
-    attention_module.CUDNN_PREFILL = not args.pallas_prefill
+    attention_module.CUDNN_PREFILL = attention_module.CUDNN_PREFILL or args.cudnn_prefill
     out = Path(args.out_dir)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,

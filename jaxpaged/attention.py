@@ -7,6 +7,7 @@ path can be tested without an accelerator). `auto` resolves from the platform.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,11 @@ from jaxpaged.step_inputs import AttentionMetadata
 # (two more launches a layer), kept for comparisons (the benchmarks' --xla-split-merge).
 FUSED_SPLIT_MERGE = True
 
-# On NVIDIA GPUs, prompts' first chunks attend through cuDNN's fused attention where this jax and
-# GPU offer it (`pallas_kernels.cudnn_prefill`); False: the Pallas prefill kernel takes every
-# chunk, kept for comparisons (the benchmarks' --pallas-prefill).
-CUDNN_PREFILL = True
+# On NVIDIA GPUs, prompts' first chunks can attend through cuDNN's fused attention where this jax
+# and GPU offer it (`pallas_kernels.cudnn_prefill`). Off by default (`JAXPAGED_CUDNN_PREFILL=1`, or
+# the benchmarks' --cudnn-prefill, turns it on): cuDNN's call was checked on the H100 alone, and
+# the engine with it has not run on a GPU yet (benchmarks/results/h100_session20.md).
+CUDNN_PREFILL = os.environ.get("JAXPAGED_CUDNN_PREFILL", "0") == "1"
 
 
 def resolve_backend(name: str, platform: str) -> str:

@@ -10,7 +10,10 @@ the paged cache.
 
 On the H100 (benchmarks/results/h100_session20.md), Llama-3-8B heads, bf16: 8 x 1024 tokens in
 0.236 ms (292 TFLOP/s) and 1 x 2048 in 0.121 ms (283), against the Pallas prefill kernel's 0.202
-ms (170 TFLOP/s) for 1 x 2048.
+ms (170 TFLOP/s) for 1 x 2048. The engine takes this path only when asked
+(`jaxpaged.attention.CUDNN_PREFILL`, `JAXPAGED_CUDNN_PREFILL=1`): the cuDNN call was checked
+against a reference on the H100, but the op's tests with it and an engine run have not run on a
+GPU yet.
 
 The packed layout is reached through jax's cuDNN module (`jax._src.cudnn`), not a public API:
 `available()` is False where it is missing or differs, and the Pallas kernel serves every
@@ -60,10 +63,16 @@ def first_chunk_attention(q, k, v, starts, lens, *, sm_scale: float, sliding_win
 
     Keys and values are first rounded as `cache_dtype` stores them (an FP8 cache), so these
     queries see the values every later step reads from the cache."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
     if jnp.dtype(cache_dtype) != q.dtype:
         k, v = (to_cache_dtype(x, cache_dtype).astype(q.dtype) for x in (k, v))
+    return packed_causal_attention(q, k, v, starts, lens, sm_scale=sm_scale,
+                                   sliding_window=sliding_window)
+
+
+def packed_causal_attention(q, k, v, starts, lens, *, sm_scale: float, sliding_window: int | None):
+    """The cuDNN call of `first_chunk_attention` (same arguments, keys as attended)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
     # The slot axis gets one spare "-1" entry: with a single slot the packed path would not be
     # taken (jax switches to it on more than one segment per batch).
     none = jnp.full((1,), -1, jnp.int32)

@@ -322,8 +322,12 @@ def ragged_paged_attention_gpu(
     if prefill_impl == "cudnn" and cudnn_prefill.supports(q.dtype, head_dim, soft_cap):
         # First chunks (no cached keys before them) go to cuDNN; the Pallas kernel takes the rest.
         first = is_prefill & (kv_lens == q_lens)  # [S]
+        # One segment slot per first chunk, at most T // 2 of them (each has 2 tokens or more).
+        (seq,) = jnp.nonzero(first, size=min(num_seqs_max, max(num_tokens // 2, 1)), fill_value=num_seqs_max)
+        in_use = seq < num_seqs_max
+        seq = jnp.minimum(seq, num_seqs_max - 1)
         out_c = cudnn_prefill.first_chunk_attention(
-            q, k, v, jnp.where(first, cu[:-1], -1), jnp.where(first, q_lens, -1), sm_scale=sm_scale,
+            q, k, v, jnp.where(in_use, cu[seq], -1), jnp.where(in_use, q_lens[seq], -1), sm_scale=sm_scale,
             sliding_window=sliding_window, cache_dtype=kv_pages.dtype)
         is_prefill &= ~first
     meta = _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_blocks)

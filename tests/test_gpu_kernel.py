@@ -320,6 +320,7 @@ FIRST_CHUNK_SEQS = [
     [(2, 2), (17, 17), (1, 900), (64, 64), (300, 300), (1000, 1000), (17, 129)],
     [(37, 300), (1, 33), (17, 129)],  # no first chunk: cuDNN gets no segment
     [(1, 5), (900, 900)],
+    [(3, 3), (1, 40)],  # with pad_seqs below: more sequence slots than tokens
 ]
 
 
@@ -333,8 +334,52 @@ def test_compiled_cudnn_first_chunks_match_reference(seqs, kw):
     assert cudnn_prefill.available(), "cuDNN's packed attention should run on this GPU and jax"
     kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, **kw)
     check_against_reference(seqs, interpret=False, dtype=jnp.bfloat16, atol=3e-2, page_size=64,
-                            q_block_size=16, kv_block_size=64, pad_tokens=3, pad_seqs=1,
-                            prefill_impl="cudnn", **kw)
+                            q_block_size=16, kv_block_size=64, pad_tokens=3,
+                            pad_seqs=1 if len(seqs) > 2 else 12, prefill_impl="cudnn", **kw)
+
+
+def packed_segments_oracle(q, k, v, starts, lens, *, sm_scale, sliding_window):
+    """What `cudnn_prefill.packed_causal_attention` computes, in jnp: causal attention within
+    each segment (token starts[i] .. starts[i] + lens[i], -1: no segment); rows outside zero."""
+    t = jnp.arange(q.shape[0])
+    inside = (t[:, None] >= starts[None, :]) & (t[:, None] < starts[None, :] + lens[None, :]) & (starts[None, :] >= 0)
+    seg = jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1)  # [T]
+    ok = (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0) & (t[None, :] <= t[:, None])
+    if sliding_window is not None:
+        ok &= t[:, None] - t[None, :] < sliding_window
+    group = q.shape[1] // k.shape[1]
+    kk, vv = (jnp.repeat(x.astype(jnp.float32), group, axis=1) for x in (k, v))
+    s = jnp.einsum("thd,shd->hts", q.astype(jnp.float32), kk) * sm_scale
+    p = jax.nn.softmax(jnp.where(ok[None], s, -jnp.inf), axis=-1)
+    out = jnp.einsum("hts,shd->thd", jnp.where(ok[None], p, 0.0), vv)
+    return jnp.where((seg >= 0)[:, None, None], out, 0.0).astype(q.dtype)
+
+
+@pytest.mark.parametrize("seqs", FIRST_CHUNK_SEQS[:3] + FIRST_CHUNK_SEQS[4:])
+@pytest.mark.parametrize("kw", [{}, dict(sliding_window=5), dict(kv_dtype=jnp.float8_e4m3fn)])
+def test_interpret_first_chunks_split_between_paths(monkeypatch, seqs, kw):
+    # The op's side of the cuDNN path on the CPU: which sequences are first chunks, the keys
+    # rounded as an FP8 cache stores them, and the outputs put together, against the reference.
+    # cuDNN's own call is replaced by a jnp oracle of what it computes (checked on the GPU by
+    # test_compiled_cudnn_first_chunks_match_reference).
+    from pallas_kernels import cudnn_prefill
+
+    segments = []
+    def oracle(q, k, v, starts, lens, **static):
+        jax.debug.callback(lambda *a: segments.append(tuple(map(np.asarray, a))), starts, lens)
+        return packed_segments_oracle(q, k, v, starts, lens, **static)
+
+    monkeypatch.setattr(cudnn_prefill, "packed_causal_attention", oracle)
+    seqs = [(min(ql, 40), min(ql, 40) if ql == kl else kl) for ql, kl in seqs]  # interpret-mode sizes
+    check_against_reference(seqs, interpret=True, dtype=jnp.bfloat16, atol=3e-2, num_q_heads=4, num_kv_heads=2,
+                            head_dim=32, page_size=16, q_block_size=4, kv_block_size=16, pad_tokens=3,
+                            pad_seqs=1 if len(seqs) > 2 else 12, prefill_impl="cudnn", **kw)
+    starts, lens = segments[0]  # one slot per first chunk, in order, then unused slots (-1)
+    cu = np.cumsum([0] + [ql for ql, _ in seqs])
+    first = [i for i, (ql, kl) in enumerate(seqs) if ql > 1 and ql == kl]
+    n = len(first)
+    assert starts[:n].tolist() == cu[first].tolist() and lens[:n].tolist() == [seqs[i][0] for i in first]
+    assert (starts[n:] == -1).all() and (lens[n:] == -1).all()
 
 
 def test_prefill_impl_is_checked():

@@ -118,22 +118,22 @@ def test_engine_cudnn_first_chunks_on_gpu(tmp_path_factory):
     # budget puts its second chunk on the Pallas kernel.
     from jaxpaged import attention
 
-    assert attention.gpu_prefill_impl() == "cudnn"
     model = random_smollm2_dir(tmp_path_factory)
     engine = dict(ENGINE, dtype="bfloat16", max_model_len=256, num_pages=64)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=0)
 
-    def prompt_logprobs(**kw):
-        outputs = LLM(model, **engine, **kw).generate(PROMPT_IDS, params, use_tqdm=False)
+    def prompt_logprobs(backend, cudnn=False):
+        saved, attention.CUDNN_PREFILL = attention.CUDNN_PREFILL, cudnn
+        try:
+            assert attention.first_chunk_attention(backend, "gpu") == ("cudnn" if cudnn else backend)
+            outputs = LLM(model, attention_backend=backend, **engine).generate(PROMPT_IDS, params, use_tqdm=False)
+        finally:
+            attention.CUDNN_PREFILL = saved
         return np.array([lp for out in outputs for entry in out.prompt_logprobs[1:]
                          for lp in entry.values()], np.float64)
 
-    want = prompt_logprobs(attention_backend="reference")
-    got = prompt_logprobs(attention_backend="pallas")
-    attention.CUDNN_PREFILL = False
-    try:
-        pallas_only = prompt_logprobs(attention_backend="pallas")
-    finally:
-        attention.CUDNN_PREFILL = True
+    want = prompt_logprobs("reference")
+    pallas_only = prompt_logprobs("pallas")
+    got = prompt_logprobs("pallas", cudnn=True)
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() <= max(2 * np.abs(pallas_only - want).max(), 0.02)
