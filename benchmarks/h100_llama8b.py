@@ -330,7 +330,7 @@ def run_jax(args) -> dict:
               "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
               "attention_backend": resolve_backend(args.attention_backend, jax.devices()[0].platform),
               "fused_split_merge": attention_module.FUSED_SPLIT_MERGE,
-              "first_chunk_attention": attention_module.first_chunk_attention(
+              "first_chunk_attention": attention_module.first_chunk_backend(
                   args.attention_backend, jax.devices()[0].platform)}
 
     def save():

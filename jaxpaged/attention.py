@@ -50,7 +50,7 @@ def gpu_prefill_impl() -> str:
     return "cudnn" if CUDNN_PREFILL and cudnn_prefill.available() else "pallas"
 
 
-def first_chunk_attention(name: str, platform: str) -> str:
+def first_chunk_backend(name: str, platform: str) -> str:
     """What attends prompts' first chunks under backend `name`: "cudnn", or the backend itself."""
     backend = resolve_backend(name, platform)
     return gpu_prefill_impl() if (backend, platform) == ("pallas", "gpu") else backend
@@ -132,4 +132,4 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
     return attention
 
 
-__all__ = ["first_chunk_attention", "get_kv_cache_shape", "gpu_prefill_impl", "has_decode_only", "make_attention", "resolve_backend"]
+__all__ = ["first_chunk_backend", "get_kv_cache_shape", "gpu_prefill_impl", "has_decode_only", "make_attention", "resolve_backend"]

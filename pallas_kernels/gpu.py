@@ -247,7 +247,10 @@ def ragged_paged_attention_gpu(
     num_splits (None: from the grid); min_splits, for the decode-only op only (None: by the chip,
     `gpu_splits.min_splits_for`; the mixed op's decode kernel keeps the one-wave rule).
     decode_impl="triton" runs decode rows through `triton_decode.py` instead; `decode` then takes
-    the keys of `triton_decode.DEFAULTS`.
+    the keys of `triton_decode.DEFAULTS`. prefill_impl="cudnn" sends first chunks (prefill
+    sequences with no cached key before them) to cuDNN's packed fused attention
+    (`cudnn_prefill.py`; where it takes q's dtype and there is no soft cap), the other prefill
+    sequences staying on the Pallas kernel.
 
     decode_only=True is the specialisation for batches where every sequence has exactly one
     query token and token i is sequence i's (cu_q_lens[:num_seqs + 1] == arange; the caller

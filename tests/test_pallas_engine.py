@@ -125,7 +125,7 @@ def test_engine_cudnn_first_chunks_on_gpu(tmp_path_factory):
     def prompt_logprobs(backend, cudnn=False):
         saved, attention.CUDNN_PREFILL = attention.CUDNN_PREFILL, cudnn
         try:
-            assert attention.first_chunk_attention(backend, "gpu") == ("cudnn" if cudnn else backend)
+            assert attention.first_chunk_backend(backend, "gpu") == ("cudnn" if cudnn else backend)
             outputs = LLM(model, attention_backend=backend, **engine).generate(PROMPT_IDS, params, use_tqdm=False)
         finally:
             attention.CUDNN_PREFILL = saved

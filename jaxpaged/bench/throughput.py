@@ -100,7 +100,7 @@ def engine_summary(engine) -> dict:
     """The engine facts a result must carry to be reproducible."""
     import jax
 
-    from jaxpaged.attention import first_chunk_attention, resolve_backend
+    from jaxpaged.attention import first_chunk_backend, resolve_backend
 
     device = jax.devices()[0]
     config = engine.config
@@ -110,7 +110,7 @@ def engine_summary(engine) -> dict:
             "kv_cache_dtype": jax.numpy.dtype(engine.kv_dtype).name,
             "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
             "attention_backend": resolve_backend(config.attention_backend, device.platform),
-            "first_chunk_attention": first_chunk_attention(config.attention_backend, device.platform),
+            "first_chunk_attention": first_chunk_backend(config.attention_backend, device.platform),
             "num_pages": engine.pages.num_pages, "page_size": engine.page_size,
             "max_num_seqs": config.max_num_seqs,
             "max_num_batched_tokens": config.max_num_batched_tokens,
