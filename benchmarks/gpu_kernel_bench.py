@@ -1,7 +1,7 @@
 """Time the GPU Pallas ragged paged attention op against the ceilings measured in the same run.
 
 One run measures: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate;
-then decode batch {1, 8, 32, 128} x context {512, 2k, 8k, 32k} and prefill 1x2048, 8x512 with
+then decode batch {1, 8, 32, 128} x context {512, 2k, 8k, 32k} and prefill 1x2048, 8x512, 8x1024 with
 Llama-3-8B attention heads (32 q / 8 kv, head_dim 128), bf16. Decode reports achieved bandwidth
 (KV bytes read + q/out + new k/v, over the whole op: KV write, both kernels, split merge) and its
 ratio to the copy bandwidth; prefill reports TFLOP/s (causal: only attended keys count) and its
@@ -16,11 +16,13 @@ path, no metadata ops) for batch 1 and 32, which separates the kernel from the o
 `--sweep-triton` adds Triton tile/pipelining/split variants; `--sweep-decode-only`
 split/tile/pipelining variants of the decode-only op; `--sweep-engine-decode` its tile,
 pipelining, warp and split variants at --page-size, ctx 1024, for --engine-batches (`--no-cases`:
-the sweeps alone); `--sweep-prefill` prefill block, warp and pipelining variants; `--md` writes a
+the sweeps alone); `--sweep-prefill` prefill block, warp and pipelining variants; `--prefill-impl
+pallas cudnn` times the prefill shapes also with first chunks through cuDNN; `--md` writes a
 side-by-side table.
 
     python benchmarks/gpu_kernel_bench.py --sweep --out results.json
     python benchmarks/gpu_kernel_bench.py --decode-only --no-ref --decode-impl pallas triton --out r.json --md r.md
+    python benchmarks/gpu_kernel_bench.py --prefill-only --no-ref --prefill-impl pallas cudnn --out p.json
     python benchmarks/gpu_kernel_bench.py --smoke --interpret [--decode-impl pallas triton]   # tiny, CPU
 """
 
@@ -120,6 +122,8 @@ def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype
         op = lambda *x: ragged_paged_attention_gpu(*x, interpret=interpret, decode_only=True, **static, **opts)
     elif impl == "triton_kernel":
         op = lambda *x: triton_kernel_only(*x, interpret=interpret, **static, **opts)
+    elif impl == "cudnn":  # prefill rows: first chunks through cuDNN (prefill_impl="cudnn")
+        op = lambda *x: ragged_paged_attention_gpu(*x, interpret=interpret, prefill_impl="cudnn", **static, **opts)
     else:  # "pallas" / "triton": the whole op with that decode kernel
         op = lambda *x: ragged_paged_attention_gpu(*x, interpret=interpret, decode_impl=impl, **static, **opts)
     # q, k and v as slices of one array, as the engine's merged q/k/v projection makes them (the
@@ -159,6 +163,9 @@ def main():
                     help="also prefill block/warps/stages variants at --page-size")
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--loop", type=int, default=20, help="op applications per timed program (1: one jitted call each)")
+    ap.add_argument("--prefill-impl", nargs="+", default=["pallas"], choices=["pallas", "cudnn"],
+                    help="prefill rows: the op with the Pallas prefill kernel, and/or with first "
+                         "chunks through cuDNN (prefill_impl='cudnn'; GPU only)")
     ap.add_argument("--decode-impl", nargs="+", default=["pallas", "decode_only"],
                     choices=["pallas", "decode_only", "triton"],
                     help="decode kernels of the op to time, each on every shape")
@@ -193,7 +200,8 @@ def main():
         hq, hkv, d, rounds, page = 32, 8, 128, a.rounds, a.page_size
         cases = [] if a.prefill_only else [("decode", b, 1, c) for b in (1, 8, 32, 128)
                                            for c in (512, 2048, 8192, 32768)]
-        cases += [] if a.decode_only else [("prefill", 1, 2048, 2048), ("prefill", 8, 512, 512)]
+        cases += [] if a.decode_only else [("prefill", 1, 2048, 2048), ("prefill", 8, 512, 512),
+                                           ("prefill", 8, 1024, 1024)]
         copies = copy_bandwidths(4 << 30, rounds)
         ceilings = dict(copy=max(copies.values()), matmul=matmul_rate(8192, rounds))
     device = jax.devices()[0].device_kind
@@ -226,7 +234,7 @@ def main():
 
     for kind, batch, q_len, ctx in [] if a.no_cases else cases:
         opts = dict(q_block_size=4) if a.smoke and kind == "prefill" else {}
-        for impl in a.decode_impl if kind == "decode" else a.decode_impl[:1]:
+        for impl in a.decode_impl if kind == "decode" else a.prefill_impl:
             measure_row(kind, batch, q_len, ctx, page, impl, opts)
         if a.kernel_only and kind == "decode" and batch in (1, 2, 32):
             measure_row(kind, batch, q_len, ctx, page, "triton_kernel", {})
