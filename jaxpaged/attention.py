@@ -42,7 +42,7 @@ def resolve_backend(name: str, platform: str) -> str:
     return name
 
 
-def gpu_prefill_impl() -> str:
+def _gpu_prefill_impl() -> str:
     """The compiled GPU op's path for prompts' first chunks: "cudnn" where `CUDNN_PREFILL` is on
     and this jax and GPU offer it, else "pallas"."""
     from pallas_kernels import cudnn_prefill
@@ -53,7 +53,7 @@ def gpu_prefill_impl() -> str:
 def first_chunk_backend(name: str, platform: str) -> str:
     """What attends prompts' first chunks under backend `name`: "cudnn", or the backend itself."""
     backend = resolve_backend(name, platform)
-    return gpu_prefill_impl() if (backend, platform) == ("pallas", "gpu") else backend
+    return _gpu_prefill_impl() if (backend, platform) == ("pallas", "gpu") else backend
 
 
 def _pallas_op(platform: str):
@@ -65,7 +65,7 @@ def _pallas_op(platform: str):
     from pallas_kernels.gpu import ragged_paged_attention_gpu
 
     if platform == "gpu":
-        return functools.partial(ragged_paged_attention_gpu, interpret=False, prefill_impl=gpu_prefill_impl())
+        return functools.partial(ragged_paged_attention_gpu, interpret=False, prefill_impl=_gpu_prefill_impl())
     # Interpret mode: one page per decode loop step, since unrolled pages only multiply compile time.
     return functools.partial(ragged_paged_attention_gpu, interpret=True, decode=dict(pages_per_iter=1))
 
@@ -132,4 +132,4 @@ def make_attention(name: str, *, platform: str, sm_scale: float, sliding_window:
     return attention
 
 
-__all__ = ["first_chunk_backend", "get_kv_cache_shape", "gpu_prefill_impl", "has_decode_only", "make_attention", "resolve_backend"]
+__all__ = ["first_chunk_backend", "get_kv_cache_shape", "has_decode_only", "make_attention", "resolve_backend"]

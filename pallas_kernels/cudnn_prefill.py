@@ -36,7 +36,7 @@ MIN_JAX = (0, 11)
 def available() -> bool:
     """Whether this process can run cuDNN's packed attention: jax >= 0.11, its cuDNN module, and
     a CUDA GPU of compute capability 9.0 (Hopper) or later (the packed layout needs it)."""
-    if tuple(int(part) for part in jax.__version__.split(".")[:2]) < MIN_JAX:
+    if jax.__version_info__[:2] < MIN_JAX:
         return False
     try:
         from jax._src.cudnn import fused_attention_stablehlo as cudnn
