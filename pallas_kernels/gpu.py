@@ -22,9 +22,14 @@ Three kernels per call:
   blocks together made the op 1.08x (8 x 512) to 1.21x (1 x 2048) faster; it is still ~2x slower
   than cuDNN's dense fused attention (benchmarks/results/h200_session12.md). Padding blocks have
   0 rows and no KV work.
-Both attention kernels read q from one padded layout [Hkv, rows, D] (row = token * group_pad + g)
-so no per-block copy of q is made; outputs are stored with row masks, so a block's spare rows
-never clobber another sequence's tokens. Scores beyond the causal limit are masked with
+Both attention kernels read q where the projection left it, as rows [T * Hq, D] (a free
+reshape; token t's q head j is row t * Hq + j, so a kv head's group is `group` adjacent rows),
+gathering each tile's rows with clamped indices: q is never copied into another layout. The
+prefill kernel stores its output rows the same way, so the op's output needs no relayout either
+(the relayouts of q and of the output around the kernels took ~3.6 ms of a 205 ms 8B mixed step
+on the H200; without them the H100's offline run was 3,683 output tok/s against 3,616-3,639
+before, within the spread of single runs: benchmarks/results/h100_session21.md). Outputs are stored with row masks, so a block's spare rows never clobber another
+sequence's tokens. Scores beyond the causal limit are masked with
 `jnp.where` and V beyond the length is zeroed, so NaN in recycled pages never reaches an output.
 
 Compiled (Triton) needs power-of-two block dims (page_size >= 16, head_dim); dots fall back to a
@@ -50,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import cudnn_prefill
-from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, decode_rows, dot_dtype
+from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, dot_dtype
 from pallas_kernels.gpu_splits import NUM_SMS, num_splits_for, split_count, wave_size
 from pallas_kernels.reference import _token_layout, _validate, to_cache_dtype
 
@@ -141,17 +146,24 @@ def _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_block
 
 
 def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, sliding_window, soft_cap,
-                    group_pad, bq, page_size, pages_per_seq, kv_block, exact):
-    """kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of `kv_block`
-    keys is one slice of a page where pages hold whole blocks, else gathered row by row from its
-    pages into one tile, so the dots are [M, kv_block] wide whatever the page size."""
+                    group, group_pad, num_tokens, bq, page_size, pages_per_seq, kv_block, exact):
+    """q_ref is q as rows [T * Hq, D]; o_ref the output the same way, plus M sink rows at the
+    end that masked rows point at (so no two rows of a store share an address, which interpret
+    mode needs). kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of
+    `kv_block` keys is one slice of a page where pages hold whole blocks, else gathered row by
+    row from its pages into one tile, so the dots are [M, kv_block] wide whatever the page size."""
     b, h = pl.program_id(0), pl.program_id(1)
     seq, start, rows, pos0, kv_len = (meta_ref[b, i] for i in range(5))
     m_rows = bq * group_pad
+    num_q_heads = group * (kv_ref.shape[1] // 2)
     dtype = dot_dtype(q_ref.dtype, kv_ref.dtype)  # an FP8 cache is widened to this after its loads
-    q = q_ref[h, pl.ds(start * group_pad, m_rows), :].astype(dtype)  # [M, D]
+    i = lax.broadcasted_iota(jnp.int32, (m_rows,), 0)  # M row: token row i // group_pad, head i % group_pad
+    g = i % group_pad
+    # Rows past the block's end or the group read a real row (clamped) and are never stored.
+    q_row = jnp.minimum(start + i // group_pad, num_tokens - 1) * num_q_heads + h * group + jnp.minimum(g, group - 1)
+    q = q_ref[q_row, :].astype(dtype)  # [M, D]
     head_dim = q.shape[-1]
-    r = lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0) // group_pad  # [M, 1] token row of each M row
+    r = (i // group_pad)[:, None]  # [M, 1] token row of each M row
     q_pos = pos0 + r  # [M, 1]
     row_ok = r < rows  # [M, 1]
     last = pos0 + rows - 1  # causal limit of the block's last row
@@ -200,9 +212,12 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
     stats = lax.fori_loop(first_block, num_open, functools.partial(block_step, masked=False), stats)
     _, l, acc = lax.fori_loop(num_open, num_blocks, block_step, stats)
     out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
-    # Rows past the block's end belong to other tokens: masked, never stored.
-    plgpu.store(o_ref.at[h, pl.ds(start * group_pad, m_rows), :], out,
-             mask=jnp.broadcast_to(row_ok, (m_rows, head_dim)))
+    # Rows past the block's end belong to other tokens, rows past the group to no head: masked,
+    # never stored.
+    keep = (i < rows * group_pad) & (g < group)  # [M]
+    dest = jnp.where(keep, q_row, num_tokens * num_q_heads + i)[:, None]  # [M, 1]
+    cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)  # [1, D] (interpret mode masks only array indices)
+    plgpu.store(o_ref.at[dest, cols], out, mask=jnp.broadcast_to(keep[:, None], (m_rows, head_dim)))
 
 
 # ---- the public op --------------------------------------------------------------------------
@@ -312,11 +327,7 @@ def ragged_paged_attention_gpu(
     kv_pages = _write_new_kv(kv_pages, k, v, page_indices, tok_seq, tok_pos, tok_valid, interpret)
     pages_flat = jnp.clip(page_indices, 0, num_pages - 1).reshape(-1).astype(jnp.int32)  # [S*pages_per_seq]
 
-    # q as [Hkv, rows, D], row = token * group_pad + g; spare tokens keep every tile in bounds.
-    spare = max(bq, -(-decode_rows(group_pad) // group_pad))
-    qh = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    qh = jnp.pad(qh, ((0, spare), (0, 0), (0, group_pad - group), (0, 0)))  # [T+spare, Hkv, Gp, D]
-    qh = qh.transpose(1, 0, 2, 3).reshape(num_kv_heads, (num_tokens + spare) * group_pad, head_dim)
+    q_rows = q.reshape(num_tokens * num_q_heads, head_dim)  # row t * Hq + j: token t's q head j
 
     # Prefill sequences (q_len > 1). Each wastes at most one partial block; each has >= 2 tokens.
     num_blocks = -(-num_tokens // bq) + min(num_seqs_max, num_tokens // 2)
@@ -336,24 +347,23 @@ def ragged_paged_attention_gpu(
     meta = _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_blocks)
     kernel = functools.partial(
         _prefill_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        group_pad=group_pad, bq=bq, page_size=page_size, pages_per_seq=pages_per_seq,
-        kv_block=kv_block_size, exact=q.dtype == jnp.float32)
+        group=group, group_pad=group_pad, num_tokens=num_tokens, bq=bq, page_size=page_size,
+        pages_per_seq=pages_per_seq, kv_block=kv_block_size, exact=q.dtype == jnp.float32)
     whole = pl.BlockSpec()
     out_p = pl.pallas_call(
         kernel,
         grid=(max(num_blocks, 1), num_kv_heads),
         in_specs=[whole, whole, whole, whole],
         out_specs=whole,
-        out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct((num_tokens * num_q_heads + bq * group_pad, head_dim), q.dtype),
         compiler_params=plgpu.CompilerParams(
             num_warps=num_warps,
             num_stages=num_stages or _prefill_stages(kv_block_size, head_dim, kv_pages.dtype.itemsize)),
         interpret=interpret,
         name="ragged_paged_attention_gpu_prefill",
-    )(meta, pages_flat, qh, kv_pages.reshape(num_pages * page_size, two_hkv, head_dim))
-    # out_p: [Hkv, rows, D], only prefill tokens' rows written
-    out_p = out_p[:, : num_tokens * group_pad].reshape(num_kv_heads, num_tokens, group_pad, head_dim)
-    out_p = out_p.transpose(1, 0, 2, 3)[:, :, :group].reshape(num_tokens, num_q_heads, head_dim)
+    )(meta, pages_flat, q_rows, kv_pages.reshape(num_pages * page_size, two_hkv, head_dim))
+    # only prefill tokens' rows written
+    out_p = out_p[: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
     prefill_tok = tok_valid & is_prefill[tok_seq]  # [T]
     out = jnp.where(prefill_tok[:, None, None], out_p, jnp.zeros_like(out_p))  # others: unwritten
     if out_c is not None:
@@ -388,8 +398,8 @@ def ragged_paged_attention_gpu(
                            jnp.where(slot_valid, kv_lens[slot_seq], 0),
                            jnp.broadcast_to(used_splits, (slots,))], axis=1).astype(jnp.int32)  # [slots, 4]
     res = decode_attention(
-        qh, kv_pages, pages_flat, slot_meta, num_slots=slots, pages_per_seq=pages_per_seq,
-        group_pad=group_pad, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        q_rows, kv_pages, pages_flat, slot_meta, num_slots=slots, pages_per_seq=pages_per_seq,
+        group=group, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
         pages_per_iter=pages_per_iter, num_splits=num_splits, num_warps=dec["num_warps"],
         num_stages=dec["num_stages"], interpret=interpret)  # [slots, Hkv, Gp, D] float32
     res = res[:, :, :group].reshape(slots, num_q_heads, head_dim).astype(q.dtype)

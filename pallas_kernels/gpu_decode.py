@@ -163,12 +163,13 @@ def _split_range(num_keys, q_pos, split, used_splits, *, page_size, pages_per_it
     return begin, jnp.maximum(end - begin + pages_per_iter - 1, 0) // pages_per_iter
 
 
-def _decode_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, lse_ref, *, group_pad, page_size,
+def _decode_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, lse_ref, *, group, group_pad, page_size,
                    pages_per_seq, pages_per_iter, num_splits, num_kv_heads, sliding_window, **attend):
     slot, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seq, tok, kv_len, used_splits = meta_ref[slot, 0], meta_ref[slot, 1], meta_ref[slot, 2], meta_ref[slot, 3]
     m_rows = decode_rows(group_pad)
-    q = q_ref[h, pl.ds(tok * group_pad, m_rows), :]  # [M, D] rows past the group are ignored
+    g = jnp.minimum(lax.broadcasted_iota(jnp.int32, (m_rows,), 0), group - 1)
+    q = q_ref[tok * group * num_kv_heads + h * group + g, :]  # [M, D] rows past the group repeat its last, ignored
     begin, num_iters = _split_range(kv_len, kv_len - 1, split, used_splits, page_size=page_size,
                                     pages_per_iter=pages_per_iter, sliding_window=sliding_window)
     page_at = lambda col: pages_ref[seq * pages_per_seq + jnp.minimum(col, pages_per_seq - 1)]
@@ -182,25 +183,26 @@ def _decode_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, lse_ref, *, group_
     plgpu.store(lse_ref.at[pl.ds(base, m_rows)], lse, mask=keep)
 
 
-def decode_attention(qh, kv_pages, pages_flat, slot_meta, *, num_slots, pages_per_seq, group_pad,
+def decode_attention(q_rows, kv_pages, pages_flat, slot_meta, *, num_slots, pages_per_seq, group,
                      sm_scale, sliding_window, soft_cap, pages_per_iter, num_splits, num_warps,
                      num_stages, interpret):
-    """Attention of every decode slot: returns [num_slots, Hkv, group_pad, D] float32.
+    """Attention of every decode slot: returns [num_slots, Hkv, group_pad, D] float32
+    (group_pad: `group` rounded up to a power of two; the rows past the group are garbage).
 
-    qh [Hkv, rows, D] holds the q heads of each token's group at rows tok*group_pad + g (padded
-    with enough rows that a tile of decode_rows() rows never runs off the end); slot_meta [S, 4]
-    is (sequence, token, kv_len, splits used) per slot, kv_len 0 for unused slots; splits used is
+    q_rows [T * Hq, D] is q as rows, token t's q head j at row t * Hq + j; slot_meta [S, 4] is
+    (sequence, token, kv_len, splits used) per slot, kv_len 0 for unused slots; splits used is
     the same in every row, at most `num_splits`.
     """
-    num_kv_heads, _, head_dim = qh.shape
-    page_size = kv_pages.shape[1]
+    head_dim = q_rows.shape[1]
+    page_size, num_kv_heads = kv_pages.shape[1], kv_pages.shape[2] // 2
+    group_pad = _next_pow2(group)
     m_rows = decode_rows(group_pad)
     partial_rows = num_slots * num_splits * num_kv_heads * group_pad
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        group_pad=group_pad, page_size=page_size, pages_per_seq=pages_per_seq,
+        group=group, group_pad=group_pad, page_size=page_size, pages_per_seq=pages_per_seq,
         pages_per_iter=pages_per_iter, num_splits=num_splits, num_kv_heads=num_kv_heads,
-        exact=qh.dtype == jnp.float32)
+        exact=q_rows.dtype == jnp.float32)
     whole = pl.BlockSpec()
     out, lse = pl.pallas_call(
         kernel,
@@ -213,7 +215,7 @@ def decode_attention(qh, kv_pages, pages_flat, slot_meta, *, num_slots, pages_pe
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_paged_attention_gpu_decode",
-    )(slot_meta, pages_flat, qh, kv_pages)
+    )(slot_meta, pages_flat, q_rows, kv_pages)
     out = out[:partial_rows].reshape(num_slots, num_splits, num_kv_heads, group_pad, head_dim)
     lse = lse[:partial_rows].reshape(num_slots, num_splits, num_kv_heads, group_pad)
     if num_splits == 1:

@@ -332,7 +332,7 @@ def test_compiled_cudnn_first_chunks_match_reference(seqs, kw):
     from pallas_kernels import cudnn_prefill
 
     assert cudnn_prefill.available(), "cuDNN's packed attention should run on this GPU and jax"
-    kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, **kw)
+    kw = {**dict(num_q_heads=32, num_kv_heads=8, head_dim=128), **kw}
     check_against_reference(seqs, interpret=False, dtype=jnp.bfloat16, atol=3e-2, page_size=64,
                             q_block_size=16, kv_block_size=64, pad_tokens=3,
                             pad_seqs=1 if len(seqs) > 2 else 12, prefill_impl="cudnn", **kw)
