@@ -25,8 +25,11 @@ FUSED_SPLIT_MERGE = True
 
 # On NVIDIA GPUs, prompts' first chunks can attend through cuDNN's fused attention where this jax
 # and GPU offer it (`pallas_kernels.cudnn_prefill`). Off by default (`JAXPAGED_CUDNN_PREFILL=1`, or
-# the benchmarks' --cudnn-prefill, turns it on): cuDNN's call was checked on the H100 alone, and
-# the engine with it has not run on a GPU yet (benchmarks/results/h100_session20.md).
+# the benchmarks' --cudnn-prefill, turns it on): it passes its GPU tests, but on the H100 it did
+# not make the 8B offline run faster (3,598 against 3,683 output tok/s in one lease) and the op
+# only matched the Pallas prefill kernel (8 x 1024: 0.475 against 0.489 ms; 8 x 512: 0.245
+# against 0.211), while it reaches into jax's private cuDNN module
+# (benchmarks/results/h100_session21.md).
 CUDNN_PREFILL = os.environ.get("JAXPAGED_CUDNN_PREFILL", "0") == "1"
 
 
