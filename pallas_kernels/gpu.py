@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import cudnn_prefill
-from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, dot_dtype
+from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, dot_dtype, q_row
 from pallas_kernels.gpu_splits import NUM_SMS, num_splits_for, split_count, wave_size
 from pallas_kernels.reference import _token_layout, _validate, to_cache_dtype
 
@@ -155,13 +155,13 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
     b, h = pl.program_id(0), pl.program_id(1)
     seq, start, rows, pos0, kv_len = (meta_ref[b, i] for i in range(5))
     m_rows = bq * group_pad
-    num_q_heads = group * (kv_ref.shape[1] // 2)
+    num_kv_heads = kv_ref.shape[1] // 2
     dtype = dot_dtype(q_ref.dtype, kv_ref.dtype)  # an FP8 cache is widened to this after its loads
     i = lax.broadcasted_iota(jnp.int32, (m_rows,), 0)  # M row: token row i // group_pad, head i % group_pad
     g = i % group_pad
     # Rows past the block's end or the group read a real row (clamped) and are never stored.
-    q_row = jnp.minimum(start + i // group_pad, num_tokens - 1) * num_q_heads + h * group + jnp.minimum(g, group - 1)
-    q = q_ref[q_row, :].astype(dtype)  # [M, D]
+    rows_at = q_row(jnp.minimum(start + i // group_pad, num_tokens - 1), h, g, group=group, num_kv_heads=num_kv_heads)
+    q = q_ref[rows_at, :].astype(dtype)  # [M, D]
     head_dim = q.shape[-1]
     r = (i // group_pad)[:, None]  # [M, 1] token row of each M row
     q_pos = pos0 + r  # [M, 1]
@@ -215,7 +215,7 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
     # Rows past the block's end belong to other tokens, rows past the group to no head: masked,
     # never stored.
     keep = (i < rows * group_pad) & (g < group)  # [M]
-    dest = jnp.where(keep, q_row, num_tokens * num_q_heads + i)[:, None]  # [M, 1]
+    dest = jnp.where(keep, rows_at, num_tokens * group * num_kv_heads + i)[:, None]  # [M, 1]
     cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)  # [1, D] (interpret mode masks only array indices)
     plgpu.store(o_ref.at[dest, cols], out, mask=jnp.broadcast_to(keep[:, None], (m_rows, head_dim)))
 

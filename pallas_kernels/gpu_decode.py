@@ -69,6 +69,13 @@ def decode_rows(group_pad: int) -> int:
     return max(16, group_pad)
 
 
+def q_row(token, h, g, *, group: int, num_kv_heads: int):
+    """Row of q head h * group + g of `token` in q as rows [T * Hq, D] (the layout both attention
+    kernels of the mixed op read, a free reshape of [T, Hq, D]); g is clamped into the group, so
+    a tile's rows past it repeat its last head."""
+    return token * (group * num_kv_heads) + h * group + jnp.minimum(g, group - 1)
+
+
 def _attend(q_parts, kv_ref, page_at, h, begin, num_iters, num_keys, q_pos, *, sm_scale,
             sliding_window, soft_cap, page_size, pages_per_iter, exact):
     """Online softmax of the query at position q_pos, its q heads as rows [M, D] given in column
@@ -168,8 +175,8 @@ def _decode_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, lse_ref, *, group,
     slot, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seq, tok, kv_len, used_splits = meta_ref[slot, 0], meta_ref[slot, 1], meta_ref[slot, 2], meta_ref[slot, 3]
     m_rows = decode_rows(group_pad)
-    g = jnp.minimum(lax.broadcasted_iota(jnp.int32, (m_rows,), 0), group - 1)
-    q = q_ref[tok * group * num_kv_heads + h * group + g, :]  # [M, D] rows past the group repeat its last, ignored
+    g = lax.broadcasted_iota(jnp.int32, (m_rows,), 0)
+    q = q_ref[q_row(tok, h, g, group=group, num_kv_heads=num_kv_heads), :]  # [M, D] rows past the group: ignored
     begin, num_iters = _split_range(kv_len, kv_len - 1, split, used_splits, page_size=page_size,
                                     pages_per_iter=pages_per_iter, sliding_window=sliding_window)
     page_at = lambda col: pages_ref[seq * pages_per_seq + jnp.minimum(col, pages_per_seq - 1)]
