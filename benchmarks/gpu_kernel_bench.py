@@ -8,7 +8,8 @@ ratio to the copy bandwidth; prefill reports TFLOP/s (causal: only attended keys
 ratio to the matmul rate. The pure-jnp reference is timed where it runs in reasonable time.
 `--sweep` adds page-size and decode tile/pipelining variants for a few shapes.
 
-Decode shapes are timed with the mixed op (`pallas`: KV-write, prefill and decode launches) and
+Decode shapes are timed with the mixed op (`pallas`: a KV-write launch, then one launch for
+prefill blocks and decode programs) and
 its decode-only specialisation (`decode_only`: one launch, the KV write fused; what the engine
 runs for steps where every sequence decodes). `--decode-impl pallas triton` adds the op with the
 Triton decode kernel (`decode_impl=`) on the same shapes in one run; `--kernel-only` adds the Triton decode kernel alone (no KV write, no prefill
@@ -17,12 +18,14 @@ path, no metadata ops) for batch 1 and 32, which separates the kernel from the o
 split/tile/pipelining variants of the decode-only op; `--sweep-engine-decode` its tile,
 pipelining, warp and split variants at --page-size, ctx 1024, for --engine-batches (`--no-cases`:
 the sweeps alone); `--sweep-prefill` prefill block, warp and pipelining variants; `--prefill-impl
-pallas cudnn` times the prefill shapes also with first chunks through cuDNN; `--md` writes a
-side-by-side table.
+pallas cudnn` times the prefill shapes also with first chunks through cuDNN; `--mixed` adds
+mixed steps (decodes and first chunks in one bucket, the offline run's steady state: ms per op,
+the decodes' bytes and the chunks' flops); `--md` writes a side-by-side table.
 
     python benchmarks/gpu_kernel_bench.py --sweep --out results.json
     python benchmarks/gpu_kernel_bench.py --decode-only --no-ref --decode-impl pallas triton --out r.json --md r.md
     python benchmarks/gpu_kernel_bench.py --prefill-only --no-ref --prefill-impl pallas cudnn --out p.json
+    python benchmarks/gpu_kernel_bench.py --mixed --no-ref --decode-impl pallas --out m.json
     python benchmarks/gpu_kernel_bench.py --smoke --interpret [--decode-impl pallas triton]   # tiny, CPU
 """
 
@@ -103,6 +106,23 @@ def make_args(batch, q_len, ctx, *, hq, hkv, d, page_size, dtype, kv_dtype, seed
             jnp.arange(batch + 1, dtype=jnp.int32) * q_len, jnp.asarray([batch], jnp.int32))
 
 
+def make_mixed_args(num_decode, ctx, num_chunks, chunk, bucket, *, hq, hkv, d, page_size, dtype, kv_dtype, seed=0):
+    """A mixed step as the engine's offline steady state makes them: `num_decode` sequences
+    decoding at `ctx` cached keys, then `num_chunks` first chunks of `chunk` tokens, the batch
+    padded to `bucket` tokens."""
+    q_lens = [1] * num_decode + [chunk] * num_chunks
+    kv_lens = [ctx] * num_decode + [chunk] * num_chunks
+    pages_per_seq = -(-max(kv_lens) // page_size)
+    num_seqs = len(q_lens)
+    num_pages = num_seqs * pages_per_seq + 1
+    rng = np.random.default_rng(seed)
+    kv = jax.random.normal(jax.random.key(seed), get_kv_cache_shape(num_pages, page_size, hkv, d), dtype).astype(kv_dtype)
+    page_indices = jnp.asarray(rng.permutation(num_pages)[: num_seqs * pages_per_seq].reshape(num_seqs, pages_per_seq), jnp.int32)
+    r = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), dtype)
+    return (r(bucket, hq, d), r(bucket, hkv, d), r(bucket, hkv, d), kv, jnp.asarray(kv_lens, jnp.int32), page_indices,
+            jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32), jnp.asarray([num_seqs], jnp.int32))
+
+
 def triton_kernel_only(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, interpret, sm_scale, decode=None):
     """The Triton decode kernel alone on the cache as it is (the KV write is not part of it)."""
     from pallas_kernels.triton_decode import decode_attention_triton
@@ -114,7 +134,14 @@ def triton_kernel_only(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_
 
 def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype, kv_dtype, rounds, interpret,
             ceilings, loop):
-    args = make_args(batch, q_len, ctx, hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=dtype, kv_dtype=kv_dtype)
+    """kind "decode" / "prefill": `batch` sequences of q_len queries at ctx keys; "mixed": `batch`
+    decodes at ctx keys plus first chunks, q_len = (chunks, chunk tokens, bucket)."""
+    geometry = dict(hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=dtype, kv_dtype=kv_dtype)
+    if kind == "mixed":
+        num_chunks, chunk, bucket = q_len
+        args = make_mixed_args(batch, ctx, num_chunks, chunk, bucket, **geometry)
+    else:
+        args = make_args(batch, q_len, ctx, **geometry)
     static = dict(sm_scale=d**-0.5)
     if impl == "ref":
         op = lambda *x: ragged_paged_attention_reference(*x, **static)
@@ -136,16 +163,20 @@ def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype
     t /= max(loop, 1)
     del args
     item = jnp.dtype(dtype).itemsize
-    tokens = batch * q_len
-    nbytes = batch * ctx * 2 * hkv * d * jnp.dtype(kv_dtype).itemsize + tokens * (2 * hq + 2 * hkv) * d * item
-    # Causal: query at position p attends p + 1 keys; QK^T and PV are 2 flops per multiply-add each.
-    attended = batch * sum(ctx - q_len + j + 1 for j in range(q_len))
+    if kind == "mixed":  # bytes: the decodes' (KV read + rows); flops: the chunks'
+        tokens, kv_keys = batch + num_chunks * chunk, batch * ctx
+        attended = num_chunks * chunk * (chunk + 1) // 2
+    else:
+        tokens, kv_keys = batch * q_len, batch * ctx
+        # Causal: query at position p attends p + 1 keys; QK^T and PV are 2 flops per multiply-add each.
+        attended = batch * sum(ctx - q_len + j + 1 for j in range(q_len))
+    nbytes = kv_keys * 2 * hkv * d * jnp.dtype(kv_dtype).itemsize + tokens * (2 * hq + 2 * hkv) * d * item
     flops = 4 * hq * d * attended
     row = dict(kind=kind, batch=batch, q_len=q_len, ctx=ctx, page_size=page_size, impl=impl, loop=loop,
                kv_dtype=jnp.dtype(kv_dtype).name,
                opts={k: v for k, v in opts.items()}, ms=t * 1e3, gbps=nbytes / t / 1e9,
                of_copy=nbytes / t / ceilings["copy"], tflops=flops / t / 1e12, of_matmul=flops / t / ceilings["matmul"])
-    print(f"{kind:8} {batch:5} {q_len:5} {ctx:6} {page_size:4} {impl:13} {json.dumps(row['opts']):58} "
+    print(f"{kind:8} {batch:5} {str(q_len):5} {ctx:6} {page_size:4} {impl:13} {json.dumps(row['opts']):58} "
           f"{row['ms']:9.3f} {row['gbps']:8.1f} {row['of_copy']:6.2f} {row['tflops']:7.1f} {row['of_matmul']:5.2f}", flush=True)
     return row
 
@@ -182,6 +213,10 @@ def main():
                     help="only the sweeps asked for, not the decode/prefill shape grid")
     ap.add_argument("--sweep-splits", action="store_true",
                     help="also decode-only split counts 1-4 and the default at batch 16-128, ctx 1k-8k")
+    ap.add_argument("--mixed", action="store_true",
+                    help="also mixed steps (decodes + first chunks in one bucket, as the offline run's): "
+                         "256 decodes at ctx 1088 + 2 x 1024 in 4096 tokens, 256 + 7 x 1024 in 8192, "
+                         "64 at ctx 2048 + 1 x 512 in 1024")
     ap.add_argument("--kv-dtype", default="bfloat16",
                     help="the cache's dtype (float8_e4m3fn: the engine's --kv-cache-dtype fp8)")
     ap.add_argument("--out", type=Path)
@@ -193,7 +228,7 @@ def main():
     dtype = jnp.bfloat16
     if a.smoke:
         hq, hkv, d, rounds, page = 4, 2, 64, 1, 16
-        cases = [("decode", 2, 1, 40)]
+        cases = [("decode", 2, 1, 40)] + ([("mixed", 2, (2, 9, 24), 40)] if a.mixed else [])
         copies = copy_bandwidths(1 << 16, 1)
         ceilings = dict(copy=max(copies.values()), matmul=matmul_rate(64, 1))
     else:
@@ -202,6 +237,9 @@ def main():
                                            for c in (512, 2048, 8192, 32768)]
         cases += [] if a.decode_only else [("prefill", 1, 2048, 2048), ("prefill", 8, 512, 512),
                                            ("prefill", 8, 1024, 1024)]
+        if a.mixed:
+            cases += [("mixed", 256, (2, 1024, 4096), 1088), ("mixed", 256, (7, 1024, 8192), 1088),
+                      ("mixed", 64, (1, 512, 1024), 2048)]
         copies = copy_bandwidths(4 << 30, rounds)
         ceilings = dict(copy=max(copies.values()), matmul=matmul_rate(8192, rounds))
     device = jax.devices()[0].device_kind
@@ -233,12 +271,13 @@ def main():
             a.md.write_text(markdown_table(rows, device, ceilings))
 
     for kind, batch, q_len, ctx in [] if a.no_cases else cases:
-        opts = dict(q_block_size=4) if a.smoke and kind == "prefill" else {}
-        for impl in a.decode_impl if kind == "decode" else a.prefill_impl:
+        opts = dict(q_block_size=4) if a.smoke and kind != "decode" else {}
+        impls = {"decode": a.decode_impl, "prefill": a.prefill_impl}.get(kind, ["pallas"])
+        for impl in [i for i in impls if i != "decode_only" or kind == "decode"]:
             measure_row(kind, batch, q_len, ctx, page, impl, opts)
         if a.kernel_only and kind == "decode" and batch in (1, 2, 32):
             measure_row(kind, batch, q_len, ctx, page, "triton_kernel", {})
-        if not a.no_ref and (kind == "prefill" or batch * ctx <= 32 * 8192):  # the reference is slow
+        if not a.no_ref and (kind != "decode" or batch * ctx <= 32 * 8192):  # the reference is slow
             measure_row(kind, batch, q_len, ctx, page, "ref", {})
     if a.sweep_triton and not a.smoke:
         for batch, ctx in ((32, 2048), (32, 8192)):  # two of the shapes below target with Pallas

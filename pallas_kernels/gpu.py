@@ -4,28 +4,34 @@ Same contract and cache layout as `pallas_kernels.reference.ragged_paged_attenti
 one call serves a ragged batch of T query rows (decodes, prefill chunks, padding), first writing
 the new K/V of every real token into its page, then attending causally over each sequence's pages.
 
-Three kernels per call:
+Two launches per call:
 - KV write: one program per (token, kv head) stores the token's K and V rows into its page. The
   cache is aliased input -> output (`input_output_aliases`), so under a donating jit it is
   updated in place; padding tokens store nothing.
-- Decode (`gpu_decode.py`): sequences with one query token, split-KV (flash-decoding).
-- Prefill: sequences with several query tokens, cut into blocks of `q_block_size` rows of ONE
-  sequence. Grid (query block, kv head); the block's rows for the kv head's group of q heads are
-  folded into the M dimension (M = q_block_size * group_pad, token-major), with the group padded
-  to a power of two (SmolLM2's group of 3 becomes 4: the extra row is computed and dropped). Each
-  program loops over KV blocks of `kv_block_size` keys (default 64) up to its causal limit,
-  starting at the sliding window. A block's keys are one [keys, D] tile, so each step is one pair
-  of dots whatever the page size: a slice of one page where pages hold whole blocks (page 64,
-  the GPU default), else gathered row by row from their pages (on the H100 the gathered tile
-  made prefill 1.2-1.4x faster than a step per 16-key page). Blocks before the query block's
-  first position skip the causal mask. On the H200 at page 64, the page slice and the unmasked
-  blocks together made the op 1.08x (8 x 512) to 1.21x (1 x 2048) faster; it is still ~2x slower
-  than cuDNN's dense fused attention (benchmarks/results/h200_session12.md). Padding blocks have
-  0 rows and no KV work.
-Both attention kernels read q where the projection left it, as rows [T * Hq, D] (a free
+- Attention: one grid (units, kv heads) for every query row. A unit is a prefill block or a
+  decode (slot, split); the real units of both kinds are interleaved in proportion
+  (`_unit_work`), so each SM's resident programs mix bandwidth-bound decode work with
+  matmul-bound prefill work instead of running the two as separate launches one after the other.
+  - Decode (`gpu_decode.decode_slot`): sequences with one query token, split-KV
+    (flash-decoding). With one split a program stores its rows straight into the output; with
+    several, float32 partials merged after the launch.
+  - Prefill (`_prefill_block`): sequences with several query tokens, cut into blocks of
+    `q_block_size` rows of ONE sequence. The block's rows for the kv head's group of q heads are
+    folded into the M dimension (M = q_block_size * group_pad, token-major), with the group padded
+    to a power of two (SmolLM2's group of 3 becomes 4: the extra row is computed and dropped). Each
+    program loops over KV blocks of `kv_block_size` keys (default 64) up to its causal limit,
+    starting at the sliding window. A block's keys are one [keys, D] tile, so each step is one pair
+    of dots whatever the page size: a slice of one page where pages hold whole blocks (page 64,
+    the GPU default), else gathered row by row from their pages (on the H100 the gathered tile
+    made prefill 1.2-1.4x faster than a step per 16-key page). Blocks before the query block's
+    first position skip the causal mask. On the H200 at page 64, the page slice and the unmasked
+    blocks together made the op 1.08x (8 x 512) to 1.21x (1 x 2048) faster; it is still ~2x slower
+    than cuDNN's dense fused attention (benchmarks/results/h200_session12.md). Padding blocks have
+    0 rows and no KV work.
+Both kinds of program read q where the projection left it, as rows [T * Hq, D] (a free
 reshape; token t's q head j is row t * Hq + j, so a kv head's group is `group` adjacent rows),
-gathering each tile's rows with clamped indices: q is never copied into another layout. The
-prefill kernel stores its output rows the same way, so the op's output needs no relayout either
+gathering each tile's rows with clamped indices: q is never copied into another layout. They
+store their output rows the same way, so the op's output needs no relayout either
 (the relayouts of q and of the output around the kernels took ~3.6 ms of a 205 ms 8B mixed step
 on the H200; without them the H100's offline run was 3,683 output tok/s against 3,616-3,639
 before, within the spread of single runs: benchmarks/results/h100_session21.md). Outputs are stored with row masks, so a block's spare rows never clobber another
@@ -42,8 +48,8 @@ for batch >= 32 at ctx >= 2k.
 
 `decode_impl` picks the decode kernel: "pallas" (`gpu_decode.py`, the default) or "triton"
 (`triton_decode.py`: official Triton through jax_triton, reading the raw metadata and writing the
-output rows in place, split merge fused into the same launch). KV write and prefill are the same
-for both. "pallas" stays the default until the H100 numbers of both are in.
+output rows in place, split merge fused into the same launch); the attention launch then holds
+the prefill blocks alone. "pallas" stays the default until the H100 numbers of both are in.
 """
 
 import functools
@@ -55,7 +61,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import cudnn_prefill
-from pallas_kernels.gpu_decode import _next_pow2, decode_attention, decode_only_attention, dot_dtype, q_row
+from pallas_kernels.gpu_decode import (_next_pow2, decode_only_attention, decode_rows, decode_slot, dot_dtype,
+                                      merge_splits, q_row)
 from pallas_kernels.gpu_splits import NUM_SMS, num_splits_for, split_count, wave_size
 from pallas_kernels.reference import _token_layout, _validate, to_cache_dtype
 
@@ -145,14 +152,14 @@ def _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_block
     return meta.astype(jnp.int32)
 
 
-def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, sliding_window, soft_cap,
-                    group, group_pad, num_tokens, bq, page_size, pages_per_seq, kv_block, exact):
-    """q_ref is q as rows [T * Hq, D]; o_ref the output the same way, plus M sink rows at the
-    end that masked rows point at (so no two rows of a store share an address, which interpret
-    mode needs). kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of
+def _prefill_block(meta_ref, pages_ref, q_ref, kv_ref, o_ref, b, h, *, sm_scale, sliding_window, soft_cap,
+                   group, group_pad, num_tokens, bq, page_size, pages_per_seq, kv_block, exact):
+    """The work of one prefill program of the attention launch: query block b, kv head h.
+    q_ref is q as rows [T * Hq, D]; o_ref the output the same way, plus sink rows at the end
+    that masked rows point at (so no two rows of a store share an address, which interpret mode
+    needs). kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of
     `kv_block` keys is one slice of a page where pages hold whole blocks, else gathered row by
     row from its pages into one tile, so the dots are [M, kv_block] wide whatever the page size."""
-    b, h = pl.program_id(0), pl.program_id(1)
     seq, start, rows, pos0, kv_len = (meta_ref[b, i] for i in range(5))
     m_rows = bq * group_pad
     num_kv_heads = kv_ref.shape[1] // 2
@@ -220,6 +227,67 @@ def _prefill_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, *, sm_scale, slid
     plgpu.store(o_ref.at[dest, cols], out, mask=jnp.broadcast_to(keep[:, None], (m_rows, head_dim)))
 
 
+# ---- the attention launch: prefill and decode programs in one grid -----------------------------
+
+def _unit_work(u, real_decode, real_prefill, decode_units):
+    """(is_prefill, index) of unit u of the attention launch, whose grid is (units, kv heads): a
+    unit is a prefill block or a decode (slot, split). The real units of both kinds come first,
+    interleaved in proportion (of the first u, u * real_prefill // (real_decode + real_prefill)
+    are prefill blocks), so the programs resident on an SM mix bandwidth-bound decode work with
+    matmul-bound prefill work; the spare units (unused decode slots, then padding blocks) follow,
+    and do nothing. Products stay below 2**31 for grids below ~46k units."""
+    real = real_decode + real_prefill
+    before = u * real_prefill // jnp.maximum(real, 1)  # prefill units among units < u
+    upto = (u + 1) * real_prefill // jnp.maximum(real, 1)  # ... among units <= u
+    spare = u - real
+    spare_prefill = spare >= decode_units - real_decode
+    is_prefill = jnp.where(u < real, upto > before, spare_prefill)
+    index = jnp.where(u < real, jnp.where(upto > before, before, u - upto),
+                      jnp.where(spare_prefill, real_prefill + spare - (decode_units - real_decode), real_decode + spare))
+    return is_prefill, index
+
+
+def _attend_kernel(units_ref, dec_meta_ref, pre_meta_ref, pages_ref, q_ref, kv_ref, kv_rows_ref, o_ref, *part_refs,
+                   decode_units, num_splits, prefill, decode):
+    """One launch for every query row of the step: prefill blocks (`_prefill_block`, static
+    kwargs `prefill`) and, unless decode_units == 0, decode (slot, split) programs
+    (`gpu_decode.decode_slot`, kwargs `decode`), ordered by `_unit_work` from units_ref (real
+    decode units, real prefill units). With one split a decode program stores its rows straight
+    into o_ref (q's row layout, like the prefill blocks); with several it stores a float32
+    partial and its log-sum-exp into part_refs, [slot, split, Hkv, group_pad] rows, merged
+    after the launch."""
+    u, h = pl.program_id(0), pl.program_id(1)
+    is_prefill, index = _unit_work(u, units_ref[0], units_ref[1], decode_units)
+
+    @pl.when(is_prefill)
+    def _():
+        _prefill_block(pre_meta_ref, pages_ref, q_ref, kv_rows_ref, o_ref, index, h, **prefill)
+
+    if not decode_units:
+        return
+
+    @pl.when(jnp.logical_not(is_prefill))
+    def _():
+        slot, split = index // num_splits, index % num_splits
+        tok, kv_len, out, lse = decode_slot(dec_meta_ref, pages_ref, q_ref, kv_ref, slot, h, split, **decode)
+        group, group_pad, num_kv_heads = decode["group"], decode["group_pad"], decode["num_kv_heads"]
+        g = lax.broadcasted_iota(jnp.int32, (out.shape[0],), 0)
+        if num_splits == 1:  # the row itself; masked rows point at sink rows past the end
+            keep = (g < group) & (kv_len > 0)
+            sink = prefill["num_tokens"] * group * num_kv_heads + g
+            dest = jnp.where(keep, q_row(tok, h, g, group=group, num_kv_heads=num_kv_heads), sink)[:, None]
+            cols = lax.broadcasted_iota(jnp.int32, (1, out.shape[1]), 1)
+            plgpu.store(o_ref.at[dest, cols], out.astype(o_ref.dtype),
+                        mask=jnp.broadcast_to(keep[:, None], out.shape))
+        else:
+            part_ref, lse_ref = part_refs
+            base = ((slot * num_splits + split) * num_kv_heads + h) * group_pad
+            keep = g < group_pad
+            plgpu.store(part_ref.at[pl.ds(base, out.shape[0]), :], out,
+                        mask=jnp.broadcast_to(keep[:, None], out.shape))
+            plgpu.store(lse_ref.at[pl.ds(base, out.shape[0])], lse, mask=keep)
+
+
 # ---- the public op --------------------------------------------------------------------------
 
 DECODE_DEFAULTS = dict(pages_per_iter=None, num_splits=None, num_warps=4, num_stages=3, min_splits=None)
@@ -256,11 +324,12 @@ def ragged_paged_attention_gpu(
     """Writes k/v into kv_pages, then attends; returns (out [T, Hq, D] in q.dtype, new kv_pages).
 
     Same contract as the reference; the keyword arguments are static (jit-compatible as a plain
-    function; donate kv_pages to update it in place). q_block_size / kv_block_size /
-    num_warps / num_stages (None: by the tile's bytes) tune the prefill kernel; `decode` (keys of DECODE_DEFAULTS) the decode
-    kernel: pages_per_iter (None: 32 or 128 keys per iteration, by the grid's size) and
-    num_splits (None: from the grid); min_splits, for the decode-only op only (None: by the chip,
-    `gpu_splits.min_splits_for`; the mixed op's decode kernel keeps the one-wave rule).
+    function; donate kv_pages to update it in place). q_block_size / kv_block_size tune the
+    prefill blocks, num_warps / num_stages (None: by the prefill tile's bytes) the attention
+    launch; `decode` (keys of DECODE_DEFAULTS) the decode programs: pages_per_iter (None: 32 or
+    128 keys per iteration, by the grid's size) and num_splits (None: from the grid); its
+    num_warps / num_stages and min_splits are the decode-only op's (min_splits None: by the chip,
+    `gpu_splits.min_splits_for`; the mixed op keeps the one-wave rule).
     decode_impl="triton" runs decode rows through `triton_decode.py` instead; `decode` then takes
     the keys of `triton_decode.DEFAULTS`. prefill_impl="cudnn" sends first chunks (prefill
     sequences with no cached key before them) to cuDNN's packed fused attention
@@ -322,6 +391,7 @@ def ragged_paged_attention_gpu(
     group_pad = _next_pow2(group)
     num_seqs_max, pages_per_seq = page_indices.shape
     bq = q_block_size
+    exact = q.dtype == jnp.float32
 
     cu, q_lens, tok_seq, _, tok_pos, tok_valid = _token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
     kv_pages = _write_new_kv(kv_pages, k, v, page_indices, tok_seq, tok_pos, tok_valid, interpret)
@@ -344,63 +414,79 @@ def ragged_paged_attention_gpu(
             q, k, v, jnp.where(in_use, cu[seq], -1), jnp.where(in_use, q_lens[seq], -1), sm_scale=sm_scale,
             sliding_window=sliding_window, cache_dtype=kv_pages.dtype)
         is_prefill &= ~first
-    meta = _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_blocks)
-    kernel = functools.partial(
-        _prefill_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        group=group, group_pad=group_pad, num_tokens=num_tokens, bq=bq, page_size=page_size,
-        pages_per_seq=pages_per_seq, kv_block=kv_block_size, exact=q.dtype == jnp.float32)
+    pre_meta = _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_blocks)
+    prefill = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, group=group,
+                   group_pad=group_pad, num_tokens=num_tokens, bq=bq, page_size=page_size,
+                   pages_per_seq=pages_per_seq, kv_block=kv_block_size, exact=exact)
+    prefill_tile = 2 * kv_block_size * head_dim * kv_pages.dtype.itemsize  # K + V of a pipeline stage
+    stages = num_stages or _prefill_stages(kv_block_size, head_dim, kv_pages.dtype.itemsize)
+
+    # Decode sequences (q_len == 1): slot i is the i-th of them. With decode_impl="triton" they
+    # are attended after the launch, which then holds the prefill blocks alone.
+    is_decode = (q_lens == 1) & (jnp.arange(num_seqs_max) < num_seqs[0])  # [S]
+    num_decode = jnp.sum(is_decode)
+    slots, num_splits, decode_units, dec_meta, decode = 0, 1, 0, jnp.zeros((1, 4), jnp.int32), {}
+    if decode_impl == "pallas":
+        slots = min(num_seqs_max, num_tokens)
+        seq_ids = jnp.arange(num_seqs_max, dtype=jnp.int32)
+        rank = jnp.where(is_decode, jnp.cumsum(is_decode) - 1, slots)  # [S]
+        slot_seq = jnp.zeros(slots, jnp.int32).at[rank].set(seq_ids, mode="drop")  # [slots]
+        slot_valid = jnp.arange(slots) < num_decode
+        slot_tok = jnp.where(slot_valid, cu[slot_seq], num_tokens)  # [slots] T: dropped below
+        # Keys an iteration: 32 once the grid has a program per SM before splitting, else 128. In an
+        # 8B decode step at ctx 1024 on the H100, 32 keys made attention 22% faster at batch 32 and 5%
+        # at 256, but 10% slower in the 8-slot bucket of batch 1 (decode_profile_h100.md in
+        # benchmarks/results).
+        keys = 32 if slots * num_kv_heads >= NUM_SMS else 128
+        pages_per_iter = dec["pages_per_iter"] or max(1, min(keys // page_size, pages_per_seq))
+        if dec["num_splits"]:
+            num_splits = used_splits = dec["num_splits"]
+        else:
+            # Programs of both kinds share the launch: the larger pipeline sets how many are resident.
+            decode_tile = 2 * pages_per_iter * page_size * head_dim * kv_pages.dtype.itemsize
+            wave = wave_size(max(decode_tile, prefill_tile), stages)
+            num_splits = num_splits_for(slots, num_kv_heads, pages_per_seq, pages_per_iter, wave)
+            used_splits = split_count(num_decode, num_kv_heads, num_splits, wave)
+        dec_meta = jnp.stack([slot_seq, jnp.minimum(slot_tok, num_tokens - 1),
+                              jnp.where(slot_valid, kv_lens[slot_seq], 0),
+                              jnp.broadcast_to(used_splits, (slots,))], axis=1).astype(jnp.int32)  # [slots, 4]
+        decode_units = slots * num_splits
+        decode = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, group=group,
+                      group_pad=group_pad, page_size=page_size, pages_per_seq=pages_per_seq,
+                      pages_per_iter=pages_per_iter, num_kv_heads=num_kv_heads, exact=exact)
+    units = jnp.stack([num_decode * num_splits if decode_units else 0,
+                       jnp.sum(pre_meta[:, 2] > 0)]).astype(jnp.int32)  # real (decode, prefill) units
+    m_dec = decode_rows(group_pad)
+    sink = max(bq * group_pad, m_dec)  # rows past the output's end that masked rows are stored to
+    out_shape = [jax.ShapeDtypeStruct((num_tokens * num_q_heads + sink, head_dim), q.dtype)]
+    partial_rows = slots * num_splits * num_kv_heads * group_pad
+    if decode_units and num_splits > 1:  # m_dec spare rows: the last program's masked tile stays in bounds
+        out_shape += [jax.ShapeDtypeStruct((partial_rows + m_dec, head_dim), jnp.float32),
+                      jax.ShapeDtypeStruct((partial_rows + m_dec,), jnp.float32)]
+    kernel = functools.partial(_attend_kernel, decode_units=decode_units, num_splits=num_splits,
+                               prefill=prefill, decode=decode)
     whole = pl.BlockSpec()
-    out_p = pl.pallas_call(
+    res = pl.pallas_call(
         kernel,
-        grid=(max(num_blocks, 1), num_kv_heads),
-        in_specs=[whole, whole, whole, whole],
-        out_specs=whole,
-        out_shape=jax.ShapeDtypeStruct((num_tokens * num_q_heads + bq * group_pad, head_dim), q.dtype),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=num_warps,
-            num_stages=num_stages or _prefill_stages(kv_block_size, head_dim, kv_pages.dtype.itemsize)),
+        grid=(max(decode_units + num_blocks, 1), num_kv_heads),
+        in_specs=[whole] * 7,
+        out_specs=[whole] * len(out_shape),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=stages),
         interpret=interpret,
-        name="ragged_paged_attention_gpu_prefill",
-    )(meta, pages_flat, q_rows, kv_pages.reshape(num_pages * page_size, two_hkv, head_dim))
-    # only prefill tokens' rows written
-    out_p = out_p[: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
-    prefill_tok = tok_valid & is_prefill[tok_seq]  # [T]
-    out = jnp.where(prefill_tok[:, None, None], out_p, jnp.zeros_like(out_p))  # others: unwritten
+        name="ragged_paged_attention_gpu_attend",
+    )(units, dec_meta, pre_meta, pages_flat, q_rows, kv_pages, kv_pages.reshape(num_pages * page_size, two_hkv, head_dim))
+    out = res[0][: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+    if len(res) > 1:  # several splits: merge the partials, store the decode rows
+        merged = merge_splits(res[1][:partial_rows].reshape(slots, num_splits, num_kv_heads, group_pad, head_dim),
+                              res[2][:partial_rows].reshape(slots, num_splits, num_kv_heads, group_pad))
+        merged = merged[:, :, :group].reshape(slots, num_q_heads, head_dim).astype(q.dtype)
+        out = out.at[slot_tok].set(merged, mode="drop")
+    out = jnp.where(tok_valid[:, None, None], out, jnp.zeros_like(out))  # padding tokens' rows: never stored
     if out_c is not None:
         out = jnp.where((tok_valid & first[tok_seq])[:, None, None], out_c, out)
     if decode_impl == "triton":  # decode rows written in place into `out`
         out = triton_decode.decode_attention_triton(
             out, q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
             sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret, **dec)
-        return out, kv_pages
-
-    # Decode sequences (q_len == 1): slot i is the i-th of them.
-    slots = min(num_seqs_max, num_tokens)
-    seq_ids = jnp.arange(num_seqs_max, dtype=jnp.int32)
-    is_decode = (q_lens == 1) & (seq_ids < num_seqs[0])  # [S]
-    rank = jnp.where(is_decode, jnp.cumsum(is_decode) - 1, slots)  # [S]
-    slot_seq = jnp.zeros(slots, jnp.int32).at[rank].set(seq_ids, mode="drop")  # [slots]
-    slot_valid = jnp.arange(slots) < jnp.sum(is_decode)
-    slot_tok = jnp.where(slot_valid, cu[slot_seq], num_tokens)  # [slots] T: dropped below
-    # Keys an iteration: 32 once the grid has a program per SM before splitting, else 128. In an
-    # 8B decode step at ctx 1024 on the H100, 32 keys made attention 22% faster at batch 32 and 5%
-    # at 256, but 10% slower in the 8-slot bucket of batch 1 (decode_profile_h100.md in
-    # benchmarks/results).
-    keys = 32 if slots * num_kv_heads >= NUM_SMS else 128
-    pages_per_iter = dec["pages_per_iter"] or max(1, min(keys // page_size, pages_per_seq))
-    if dec["num_splits"]:
-        num_splits = used_splits = dec["num_splits"]
-    else:
-        wave = wave_size(2 * pages_per_iter * page_size * head_dim * kv_pages.dtype.itemsize, dec["num_stages"])
-        num_splits = num_splits_for(slots, num_kv_heads, pages_per_seq, pages_per_iter, wave)
-        used_splits = split_count(jnp.sum(is_decode), num_kv_heads, num_splits, wave)
-    slot_meta = jnp.stack([slot_seq, jnp.minimum(slot_tok, num_tokens - 1),
-                           jnp.where(slot_valid, kv_lens[slot_seq], 0),
-                           jnp.broadcast_to(used_splits, (slots,))], axis=1).astype(jnp.int32)  # [slots, 4]
-    res = decode_attention(
-        q_rows, kv_pages, pages_flat, slot_meta, num_slots=slots, pages_per_seq=pages_per_seq,
-        group=group, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        pages_per_iter=pages_per_iter, num_splits=num_splits, num_warps=dec["num_warps"],
-        num_stages=dec["num_stages"], interpret=interpret)  # [slots, Hkv, Gp, D] float32
-    res = res[:, :, :group].reshape(slots, num_q_heads, head_dim).astype(q.dtype)
-    return out.at[slot_tok].set(res, mode="drop"), kv_pages
+    return out, kv_pages

@@ -170,12 +170,15 @@ def _split_range(num_keys, q_pos, split, used_splits, *, page_size, pages_per_it
     return begin, jnp.maximum(end - begin + pages_per_iter - 1, 0) // pages_per_iter
 
 
-def _decode_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, lse_ref, *, group, group_pad, page_size,
-                   pages_per_seq, pages_per_iter, num_splits, num_kv_heads, sliding_window, **attend):
-    slot, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def decode_slot(meta_ref, pages_ref, q_ref, kv_ref, slot, h, split, *, group, group_pad, page_size,
+                pages_per_seq, pages_per_iter, num_kv_heads, sliding_window, **attend):
+    """The work of one decode program of the mixed op (`gpu.ragged_paged_attention_gpu`'s
+    attention launch): kv head h of decode slot `slot`, over the pages of its split `split`.
+    meta_ref rows are (sequence, token, kv_len, splits used) per slot, kv_len 0 for unused slots;
+    q_ref is q as rows [T * Hq, D]. Returns (token, kv_len, out [M, D] float32, lse [M]) for the
+    group's q heads as M = decode_rows(group_pad) rows (rows past the group: garbage)."""
     seq, tok, kv_len, used_splits = meta_ref[slot, 0], meta_ref[slot, 1], meta_ref[slot, 2], meta_ref[slot, 3]
-    m_rows = decode_rows(group_pad)
-    g = lax.broadcasted_iota(jnp.int32, (m_rows,), 0)
+    g = lax.broadcasted_iota(jnp.int32, (decode_rows(group_pad),), 0)
     q = q_ref[q_row(tok, h, g, group=group, num_kv_heads=num_kv_heads), :]  # [M, D] rows past the group: ignored
     begin, num_iters = _split_range(kv_len, kv_len - 1, split, used_splits, page_size=page_size,
                                     pages_per_iter=pages_per_iter, sliding_window=sliding_window)
@@ -183,51 +186,7 @@ def _decode_kernel(meta_ref, pages_ref, q_ref, kv_ref, o_ref, lse_ref, *, group,
     out, lse = _finish(_attend((q,), kv_ref, page_at, h, begin, num_iters, kv_len, kv_len - 1,
                                page_size=page_size, pages_per_iter=pages_per_iter,
                                sliding_window=sliding_window, **attend))
-    base = ((slot * num_splits + split) * num_kv_heads + h) * group_pad  # [S, splits, Hkv, Gp] rows
-    keep = lax.broadcasted_iota(jnp.int32, (m_rows,), 0) < group_pad
-    plgpu.store(o_ref.at[pl.ds(base, m_rows), :], out,
-                mask=jnp.broadcast_to(keep[:, None], out.shape))
-    plgpu.store(lse_ref.at[pl.ds(base, m_rows)], lse, mask=keep)
-
-
-def decode_attention(q_rows, kv_pages, pages_flat, slot_meta, *, num_slots, pages_per_seq, group,
-                     sm_scale, sliding_window, soft_cap, pages_per_iter, num_splits, num_warps,
-                     num_stages, interpret):
-    """Attention of every decode slot: returns [num_slots, Hkv, group_pad, D] float32
-    (group_pad: `group` rounded up to a power of two; the rows past the group are garbage).
-
-    q_rows [T * Hq, D] is q as rows, token t's q head j at row t * Hq + j; slot_meta [S, 4] is
-    (sequence, token, kv_len, splits used) per slot, kv_len 0 for unused slots; splits used is
-    the same in every row, at most `num_splits`.
-    """
-    head_dim = q_rows.shape[1]
-    page_size, num_kv_heads = kv_pages.shape[1], kv_pages.shape[2] // 2
-    group_pad = _next_pow2(group)
-    m_rows = decode_rows(group_pad)
-    partial_rows = num_slots * num_splits * num_kv_heads * group_pad
-    kernel = functools.partial(
-        _decode_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        group=group, group_pad=group_pad, page_size=page_size, pages_per_seq=pages_per_seq,
-        pages_per_iter=pages_per_iter, num_splits=num_splits, num_kv_heads=num_kv_heads,
-        exact=q_rows.dtype == jnp.float32)
-    whole = pl.BlockSpec()
-    out, lse = pl.pallas_call(
-        kernel,
-        grid=(num_slots, num_kv_heads, num_splits),
-        in_specs=[whole, whole, whole, whole],
-        out_specs=[whole, whole],
-        # m_rows spare rows: the last program's masked tile stays in bounds.
-        out_shape=[jax.ShapeDtypeStruct((partial_rows + m_rows, head_dim), jnp.float32),
-                   jax.ShapeDtypeStruct((partial_rows + m_rows,), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="ragged_paged_attention_gpu_decode",
-    )(slot_meta, pages_flat, q_rows, kv_pages)
-    out = out[:partial_rows].reshape(num_slots, num_splits, num_kv_heads, group_pad, head_dim)
-    lse = lse[:partial_rows].reshape(num_slots, num_splits, num_kv_heads, group_pad)
-    if num_splits == 1:
-        return out[:, 0]
-    return merge_splits(out, lse)
+    return tok, kv_len, out, lse
 
 
 def merge_splits(out, lse):
