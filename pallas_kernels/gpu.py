@@ -136,28 +136,35 @@ def _mm(a, b, *, trans_b: bool, exact: bool):
     return jnp.sum(a[:, None, :].astype(jnp.float32) * b[None, :, :].astype(jnp.float32), axis=-1)
 
 
-def _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_blocks):
-    """Per query block of a prefill sequence (`is_prefill` [S]): (seq, first token, rows, first
-    row's position, kv_len). Padding blocks have 0 rows."""
+def _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_seqs, num_tokens, bq, num_blocks):
+    """Per query block: (seq, first token, rows, first row's position, kv_len). The blocks of the
+    prefill sequences (`is_prefill` [S]) come first; then zero blocks, whose rows (kv_len 0) are
+    the padding tokens past the last real one, bq at a time, stored as zeros; the rest have 0
+    rows. num_blocks must hold both: the grid's ceil(T / bq) + min(S, T // 2) + 1 does, since
+    each prefill sequence has >= 2 tokens and wastes at most one partial block."""
     num_seqs_max = kv_lens.shape[0]
     blocks = jnp.where(is_prefill, -(-q_lens // bq), 0)  # [S]
     cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks).astype(jnp.int32)])  # [S+1]
     b = jnp.arange(num_blocks, dtype=jnp.int32)  # [NB]
     seq = jnp.clip(jnp.searchsorted(cu_blocks, b, side="right", method="compare_all") - 1, 0, num_seqs_max - 1)  # [NB]
     first = (b - cu_blocks[seq]) * bq  # [NB] first row among the sequence's queries
-    rows = jnp.where(b < cu_blocks[-1], jnp.clip(q_lens[seq] - first, 0, bq), 0)  # [NB]
-    start = jnp.where(rows > 0, cu[seq] + first, 0)  # [NB]
+    in_seq = b < cu_blocks[-1]
+    rows = jnp.where(in_seq, jnp.clip(q_lens[seq] - first, 0, bq), 0)  # [NB]
+    pad_start = cu[num_seqs[0]] + (b - cu_blocks[-1]) * bq  # [NB] zero blocks: their first padding token
+    pad_rows = jnp.where(in_seq, 0, jnp.clip(num_tokens - pad_start, 0, bq))  # [NB]
+    start = jnp.where(rows > 0, cu[seq] + first, jnp.where(pad_rows > 0, pad_start, 0))  # [NB]
     pos0 = kv_lens[seq] - q_lens[seq] + first  # [NB]
-    meta = jnp.stack([seq, start, rows, pos0, jnp.where(rows > 0, kv_lens[seq], 0)], axis=1)  # [NB, 5]
+    meta = jnp.stack([seq, start, rows + pad_rows, pos0, jnp.where(rows > 0, kv_lens[seq], 0)], axis=1)  # [NB, 5]
     return meta.astype(jnp.int32)
 
 
 def _prefill_block(meta_ref, pages_ref, q_ref, kv_ref, o_ref, b, h, *, sm_scale, sliding_window, soft_cap,
-                   group, group_pad, num_tokens, bq, page_size, pages_per_seq, kv_block, exact):
+                   group, group_pad, num_tokens, bq, page_size, pages_per_seq, kv_block, exact, sinks):
     """The work of one prefill program of the attention launch: query block b, kv head h.
-    q_ref is q as rows [T * Hq, D]; o_ref the output the same way, plus sink rows at the end
-    that masked rows point at (so no two rows of a store share an address, which interpret mode
-    needs). kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of
+    q_ref is q as rows [T * Hq, D]; o_ref the output the same way, with `sinks` (interpret
+    mode) sink rows at the end that masked rows point at (interpret mode needs that no two rows
+    of a store share an address; compiled, masked rows are not stored, so the output has no
+    spare rows to slice off). A zero block (kv_len 0) attends to no key: its rows store zeros. kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of
     `kv_block` keys is one slice of a page where pages hold whole blocks, else gathered row by
     row from its pages into one tile, so the dots are [M, kv_block] wide whatever the page size."""
     seq, start, rows, pos0, kv_len = (meta_ref[b, i] for i in range(5))
@@ -174,7 +181,7 @@ def _prefill_block(meta_ref, pages_ref, q_ref, kv_ref, o_ref, b, h, *, sm_scale,
     q_pos = pos0 + r  # [M, 1]
     row_ok = r < rows  # [M, 1]
     last = pos0 + rows - 1  # causal limit of the block's last row
-    num_blocks = jnp.where(rows > 0, (last + kv_block) // kv_block, 0)
+    num_blocks = jnp.where(kv_len > 0, (last + kv_block) // kv_block, 0)  # zero blocks: no keys
     first_block = 0 if sliding_window is None else jnp.minimum(
         jnp.maximum(pos0 - sliding_window + 1, 0) // kv_block, num_blocks)
     offsets = lax.broadcasted_iota(jnp.int32, (kv_block,), 0)  # [C]
@@ -222,7 +229,7 @@ def _prefill_block(meta_ref, pages_ref, q_ref, kv_ref, o_ref, b, h, *, sm_scale,
     # Rows past the block's end belong to other tokens, rows past the group to no head: masked,
     # never stored.
     keep = (i < rows * group_pad) & (g < group)  # [M]
-    dest = jnp.where(keep, rows_at, num_tokens * group * num_kv_heads + i)[:, None]  # [M, 1]
+    dest = jnp.where(keep, rows_at, num_tokens * group * num_kv_heads + i if sinks else rows_at)[:, None]  # [M, 1]
     cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)  # [1, D] (interpret mode masks only array indices)
     plgpu.store(o_ref.at[dest, cols], out, mask=jnp.broadcast_to(keep[:, None], (m_rows, head_dim)))
 
@@ -272,10 +279,10 @@ def _attend_kernel(units_ref, dec_meta_ref, pre_meta_ref, pages_ref, q_ref, kv_r
         tok, kv_len, out, lse = decode_slot(dec_meta_ref, pages_ref, q_ref, kv_ref, slot, h, split, **decode)
         group, group_pad, num_kv_heads = decode["group"], decode["group_pad"], decode["num_kv_heads"]
         g = lax.broadcasted_iota(jnp.int32, (out.shape[0],), 0)
-        if num_splits == 1:  # the row itself; masked rows point at sink rows past the end
+        if num_splits == 1:  # the row itself; masked rows point at sink rows past the end (interpret)
             keep = (g < group) & (kv_len > 0)
-            sink = prefill["num_tokens"] * group * num_kv_heads + g
-            dest = jnp.where(keep, q_row(tok, h, g, group=group, num_kv_heads=num_kv_heads), sink)[:, None]
+            row = q_row(tok, h, g, group=group, num_kv_heads=num_kv_heads)
+            dest = jnp.where(keep, row, prefill["num_tokens"] * group * num_kv_heads + g if prefill["sinks"] else row)[:, None]
             cols = lax.broadcasted_iota(jnp.int32, (1, out.shape[1]), 1)
             plgpu.store(o_ref.at[dest, cols], out.astype(o_ref.dtype),
                         mask=jnp.broadcast_to(keep[:, None], out.shape))
@@ -399,8 +406,8 @@ def ragged_paged_attention_gpu(
 
     q_rows = q.reshape(num_tokens * num_q_heads, head_dim)  # row t * Hq + j: token t's q head j
 
-    # Prefill sequences (q_len > 1). Each wastes at most one partial block; each has >= 2 tokens.
-    num_blocks = -(-num_tokens // bq) + min(num_seqs_max, num_tokens // 2)
+    # Prefill sequences (q_len > 1), then the zero blocks of padding (`_prefill_metadata`).
+    num_blocks = -(-num_tokens // bq) + min(num_seqs_max, num_tokens // 2) + 1
     is_prefill = (jnp.arange(num_seqs_max) < num_seqs[0]) & (q_lens > 1)  # [S]
     out_c = None
     if prefill_impl == "cudnn" and cudnn_prefill.supports(q.dtype, head_dim, soft_cap):
@@ -414,10 +421,10 @@ def ragged_paged_attention_gpu(
             q, k, v, jnp.where(in_use, cu[seq], -1), jnp.where(in_use, q_lens[seq], -1), sm_scale=sm_scale,
             sliding_window=sliding_window, cache_dtype=kv_pages.dtype)
         is_prefill &= ~first
-    pre_meta = _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_tokens, bq, num_blocks)
+    pre_meta = _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_seqs, num_tokens, bq, num_blocks)
     prefill = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, group=group,
                    group_pad=group_pad, num_tokens=num_tokens, bq=bq, page_size=page_size,
-                   pages_per_seq=pages_per_seq, kv_block=kv_block_size, exact=exact)
+                   pages_per_seq=pages_per_seq, kv_block=kv_block_size, exact=exact, sinks=bool(interpret))
     prefill_tile = 2 * kv_block_size * head_dim * kv_pages.dtype.itemsize  # K + V of a pipeline stage
     stages = num_stages or _prefill_stages(kv_block_size, head_dim, kv_pages.dtype.itemsize)
 
@@ -457,7 +464,7 @@ def ragged_paged_attention_gpu(
     units = jnp.stack([num_decode * num_splits if decode_units else 0,
                        jnp.sum(pre_meta[:, 2] > 0)]).astype(jnp.int32)  # real (decode, prefill) units
     m_dec = decode_rows(group_pad)
-    sink = max(bq * group_pad, m_dec)  # rows past the output's end that masked rows are stored to
+    sink = max(bq * group_pad, m_dec) if interpret else 0  # rows past the end that masked rows are stored to
     out_shape = [jax.ShapeDtypeStruct((num_tokens * num_q_heads + sink, head_dim), q.dtype)]
     partial_rows = slots * num_splits * num_kv_heads * group_pad
     if decode_units and num_splits > 1:  # m_dec spare rows: the last program's masked tile stays in bounds
@@ -476,13 +483,14 @@ def ragged_paged_attention_gpu(
         interpret=interpret,
         name="ragged_paged_attention_gpu_attend",
     )(units, dec_meta, pre_meta, pages_flat, q_rows, kv_pages, kv_pages.reshape(num_pages * page_size, two_hkv, head_dim))
+    # Every row is stored by the launch: prefill and decode rows, padding tokens' zeros (cuDNN's
+    # first chunks excepted: merged below), so no pass over the output follows it.
     out = res[0][: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
     if len(res) > 1:  # several splits: merge the partials, store the decode rows
         merged = merge_splits(res[1][:partial_rows].reshape(slots, num_splits, num_kv_heads, group_pad, head_dim),
                               res[2][:partial_rows].reshape(slots, num_splits, num_kv_heads, group_pad))
         merged = merged[:, :, :group].reshape(slots, num_q_heads, head_dim).astype(q.dtype)
         out = out.at[slot_tok].set(merged, mode="drop")
-    out = jnp.where(tok_valid[:, None, None], out, jnp.zeros_like(out))  # padding tokens' rows: never stored
     if out_c is not None:
         out = jnp.where((tok_valid & first[tok_seq])[:, None, None], out_c, out)
     if decode_impl == "triton":  # decode rows written in place into `out`
