@@ -94,33 +94,31 @@ def matmul_rate(n, rounds):
     return 2 * n**3 / t
 
 
-def make_args(batch, q_len, ctx, *, hq, hkv, d, page_size, dtype, kv_dtype, seed=0):
-    pages_per_seq = -(-ctx // page_size)
-    num_pages = batch * pages_per_seq + 1
-    rng = np.random.default_rng(seed)
-    t = batch * q_len
-    kv = jax.random.normal(jax.random.key(seed), get_kv_cache_shape(num_pages, page_size, hkv, d), dtype).astype(kv_dtype)
-    page_indices = jnp.asarray(rng.permutation(num_pages)[: batch * pages_per_seq].reshape(batch, pages_per_seq), jnp.int32)
-    r = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), dtype)
-    return (r(t, hq, d), r(t, hkv, d), r(t, hkv, d), kv, jnp.full((batch,), ctx, jnp.int32), page_indices,
-            jnp.arange(batch + 1, dtype=jnp.int32) * q_len, jnp.asarray([batch], jnp.int32))
-
-
-def make_mixed_args(num_decode, ctx, num_chunks, chunk, bucket, *, hq, hkv, d, page_size, dtype, kv_dtype, seed=0):
-    """A mixed step as the engine's offline steady state makes them: `num_decode` sequences
-    decoding at `ctx` cached keys, then `num_chunks` first chunks of `chunk` tokens, the batch
-    padded to `bucket` tokens."""
-    q_lens = [1] * num_decode + [chunk] * num_chunks
-    kv_lens = [ctx] * num_decode + [chunk] * num_chunks
+def make_step_args(q_lens, kv_lens, bucket, *, hq, hkv, d, page_size, dtype, kv_dtype, seed=0):
+    """The op's arguments for sequences of q_lens queries at kv_lens keys, padded to `bucket`
+    tokens, with random q/k/v and cache and shuffled pages."""
     pages_per_seq = -(-max(kv_lens) // page_size)
     num_seqs = len(q_lens)
     num_pages = num_seqs * pages_per_seq + 1
     rng = np.random.default_rng(seed)
-    kv = jax.random.normal(jax.random.key(seed), get_kv_cache_shape(num_pages, page_size, hkv, d), dtype).astype(kv_dtype)
-    page_indices = jnp.asarray(rng.permutation(num_pages)[: num_seqs * pages_per_seq].reshape(num_seqs, pages_per_seq), jnp.int32)
+    kv = jax.random.normal(jax.random.key(seed), get_kv_cache_shape(num_pages, page_size, hkv, d), dtype)
+    pages = rng.permutation(num_pages)[: num_seqs * pages_per_seq].reshape(num_seqs, pages_per_seq)
     r = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), dtype)
-    return (r(bucket, hq, d), r(bucket, hkv, d), r(bucket, hkv, d), kv, jnp.asarray(kv_lens, jnp.int32), page_indices,
-            jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32), jnp.asarray([num_seqs], jnp.int32))
+    return (r(bucket, hq, d), r(bucket, hkv, d), r(bucket, hkv, d), kv.astype(kv_dtype), jnp.asarray(kv_lens, jnp.int32),
+            jnp.asarray(pages, jnp.int32), jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
+            jnp.asarray([num_seqs], jnp.int32))
+
+
+def make_args(batch, q_len, ctx, **geometry):
+    return make_step_args([q_len] * batch, [ctx] * batch, batch * q_len, **geometry)
+
+
+def make_mixed_args(num_decode, ctx, num_chunks, chunk, bucket, **geometry):
+    """A mixed step as the engine's offline steady state makes them: `num_decode` sequences
+    decoding at `ctx` cached keys, then `num_chunks` first chunks of `chunk` tokens, the batch
+    padded to `bucket` tokens."""
+    return make_step_args([1] * num_decode + [chunk] * num_chunks, [ctx] * num_decode + [chunk] * num_chunks,
+                          bucket, **geometry)
 
 
 def triton_kernel_only(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, interpret, sm_scale, decode=None):

@@ -12,6 +12,9 @@ Two launches per call:
   decode (slot, split); the real units of both kinds are interleaved in proportion
   (`_unit_work`), so each SM's resident programs mix bandwidth-bound decode work with
   matmul-bound prefill work instead of running the two as separate launches one after the other.
+  On the H100, an offline step's op (256 decodes at ctx 1088 + 2 x 1024 first chunks in 4096
+  tokens) went from 0.641 to 0.571 ms and the offline run from 3,606 to 3,659 output tok/s in
+  the same lease (benchmarks/results/h100_session22.md).
   - Decode (`gpu_decode.decode_slot`): sequences with one query token, split-KV
     (flash-decoding). With one split a program stores its rows straight into the output; with
     several, float32 partials merged after the launch.
@@ -40,9 +43,10 @@ sequence's tokens. Scores beyond the causal limit are masked with
 
 Compiled (Triton) needs power-of-two block dims (page_size >= 16, head_dim); dots fall back to a
 broadcast-multiply-sum when a prefill tile dim is below 16. In interpret mode (CPU) any size runs.
-On the H100 (benchmarks/results/gpu_kernel_bench_h100.md) this mixed op's decode reaches 89-103%
-of the copy bandwidth for batch x context >= 32 x 8k / 128 x 2k; smaller ops pay ~40 us of fixed
-work around the decode kernel (KV-write and empty prefill launches, layout fusions). Batches where
+On the H100 (benchmarks/results/gpu_kernel_bench_h100.md, before the one-launch change) this
+mixed op's decode reached 89-103% of the copy bandwidth for batch x context >= 32 x 8k / 128 x 2k;
+smaller ops paid ~40 us of fixed work around the decode kernel (KV-write and empty prefill
+launches, layout fusions). Batches where
 every sequence decodes can take `decode_only=True` instead (the engine does): one launch, 83-102%
 for batch >= 32 at ctx >= 2k.
 
@@ -164,7 +168,8 @@ def _prefill_block(meta_ref, pages_ref, q_ref, kv_ref, o_ref, b, h, *, sm_scale,
     q_ref is q as rows [T * Hq, D]; o_ref the output the same way, with `sinks` (interpret
     mode) sink rows at the end that masked rows point at (interpret mode needs that no two rows
     of a store share an address; compiled, masked rows are not stored, so the output has no
-    spare rows to slice off). A zero block (kv_len 0) attends to no key: its rows store zeros. kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of
+    spare rows to slice off). A zero block (kv_len 0) attends to no key: its rows store zeros.
+    kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of
     `kv_block` keys is one slice of a page where pages hold whole blocks, else gathered row by
     row from its pages into one tile, so the dots are [M, kv_block] wide whatever the page size."""
     seq, start, rows, pos0, kv_len = (meta_ref[b, i] for i in range(5))
@@ -229,7 +234,7 @@ def _prefill_block(meta_ref, pages_ref, q_ref, kv_ref, o_ref, b, h, *, sm_scale,
     # Rows past the block's end belong to other tokens, rows past the group to no head: masked,
     # never stored.
     keep = (i < rows * group_pad) & (g < group)  # [M]
-    dest = jnp.where(keep, rows_at, num_tokens * group * num_kv_heads + i if sinks else rows_at)[:, None]  # [M, 1]
+    dest = (jnp.where(keep, rows_at, num_tokens * group * num_kv_heads + i) if sinks else rows_at)[:, None]  # [M, 1]
     cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)  # [1, D] (interpret mode masks only array indices)
     plgpu.store(o_ref.at[dest, cols], out, mask=jnp.broadcast_to(keep[:, None], (m_rows, head_dim)))
 
@@ -241,16 +246,17 @@ def _unit_work(u, real_decode, real_prefill, decode_units):
     unit is a prefill block or a decode (slot, split). The real units of both kinds come first,
     interleaved in proportion (of the first u, u * real_prefill // (real_decode + real_prefill)
     are prefill blocks), so the programs resident on an SM mix bandwidth-bound decode work with
-    matmul-bound prefill work; the spare units (unused decode slots, then padding blocks) follow,
-    and do nothing. Products stay below 2**31 for grids below ~46k units."""
+    matmul-bound prefill work; the spare units (unused decode slots, then empty prefill blocks)
+    follow, and do nothing. Products stay below 2**31 for grids below ~46k units."""
     real = real_decode + real_prefill
     before = u * real_prefill // jnp.maximum(real, 1)  # prefill units among units < u
     upto = (u + 1) * real_prefill // jnp.maximum(real, 1)  # ... among units <= u
     spare = u - real
-    spare_prefill = spare >= decode_units - real_decode
+    spare_decode = decode_units - real_decode
+    spare_prefill = spare >= spare_decode
     is_prefill = jnp.where(u < real, upto > before, spare_prefill)
     index = jnp.where(u < real, jnp.where(upto > before, before, u - upto),
-                      jnp.where(spare_prefill, real_prefill + spare - (decode_units - real_decode), real_decode + spare))
+                      jnp.where(spare_prefill, real_prefill + spare - spare_decode, real_decode + spare))
     return is_prefill, index
 
 
@@ -282,7 +288,9 @@ def _attend_kernel(units_ref, dec_meta_ref, pre_meta_ref, pages_ref, q_ref, kv_r
         if num_splits == 1:  # the row itself; masked rows point at sink rows past the end (interpret)
             keep = (g < group) & (kv_len > 0)
             row = q_row(tok, h, g, group=group, num_kv_heads=num_kv_heads)
-            dest = jnp.where(keep, row, prefill["num_tokens"] * group * num_kv_heads + g if prefill["sinks"] else row)[:, None]
+            if prefill["sinks"]:
+                row = jnp.where(keep, row, prefill["num_tokens"] * group * num_kv_heads + g)
+            dest = row[:, None]
             cols = lax.broadcasted_iota(jnp.int32, (1, out.shape[1]), 1)
             plgpu.store(o_ref.at[dest, cols], out.astype(o_ref.dtype),
                         mask=jnp.broadcast_to(keep[:, None], out.shape))
@@ -482,7 +490,8 @@ def ragged_paged_attention_gpu(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=stages),
         interpret=interpret,
         name="ragged_paged_attention_gpu_attend",
-    )(units, dec_meta, pre_meta, pages_flat, q_rows, kv_pages, kv_pages.reshape(num_pages * page_size, two_hkv, head_dim))
+    )(units, dec_meta, pre_meta, pages_flat, q_rows, kv_pages,
+      kv_pages.reshape(num_pages * page_size, two_hkv, head_dim))
     # Every row is stored by the launch: prefill and decode rows, padding tokens' zeros (cuDNN's
     # first chunks excepted: merged below), so no pass over the output follows it.
     out = res[0][: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)

@@ -2,7 +2,8 @@
 
 A decode step reads every cached page of every sequence once and does little arithmetic with it,
 so it is bound by HBM bandwidth, and what matters is keeping enough loads in flight on every SM:
-- Grid (slot, kv head, split). A slot is one decode sequence; the group's q heads are folded
+- One program per (slot, kv head, split) (`decode_slot`: units of the mixed op's one attention
+  launch, beside its prefill blocks). A slot is one decode sequence; the group's q heads are folded
   into the M dimension of one tile (M = max(16, group padded to a power of two) rows: Triton's
   smallest dot), so K and V of a kv head are read once for the whole group.
 - When slots x kv heads is too small to fill the GPU, each sequence's pages are cut into

@@ -252,6 +252,23 @@ def test_interpret_all_padding():
         np.testing.assert_array_equal(np.asarray(got_kv).view(np.uint32), want_kv.view(np.uint32))
 
 
+@pytest.mark.parametrize("real_decode,real_prefill,decode_units,prefill_units",
+                         [(256, 240, 256, 513), (0, 9, 16, 40), (12, 0, 16, 40), (5, 3, 8, 3), (1, 1, 1, 1)])
+def test_attention_launch_visits_every_unit_once(real_decode, real_prefill, decode_units, prefill_units):
+    # The one launch's unit order: every decode unit and every prefill block exactly once, the
+    # real ones of both kinds before any spare one, mixed in proportion.
+    from pallas_kernels.gpu import _unit_work
+
+    u = jnp.arange(decode_units + prefill_units)
+    is_prefill, index = (np.asarray(x) for x in _unit_work(u, real_decode, real_prefill, decode_units))
+    assert sorted(index[~is_prefill]) == list(range(decode_units))
+    assert sorted(index[is_prefill]) == list(range(prefill_units))
+    real = real_decode + real_prefill
+    assert (index[:real][is_prefill[:real]] < real_prefill).all() and (index[:real][~is_prefill[:real]] < real_decode).all()
+    for n in range(1, real + 1):  # any prefix of the real units holds its share of prefill blocks, +-1
+        assert abs(is_prefill[:n].sum() - n * real_prefill / real) <= 1
+
+
 def test_bench_smoke():
     res = subprocess.run([sys.executable, "benchmarks/gpu_kernel_bench.py", "--smoke", "--interpret", "--mixed"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
