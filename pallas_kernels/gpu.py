@@ -162,13 +162,24 @@ def _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_seqs, num_tokens, bq,
     return meta.astype(jnp.int32)
 
 
+def _store_rows(o_ref, rows, out, keep, sink):
+    """Stores out [M, D] at rows `rows` [M] of o_ref, where `keep` [M]. sink: None (compiled:
+    masked rows are not stored, so any in-bounds row will do), or the first of M spare rows past
+    the output's end that the masked rows are pointed at (interpret mode needs that no two rows
+    of a store share an address, and masks only array indices)."""
+    if sink is not None:
+        rows = jnp.where(keep, rows, sink + lax.broadcasted_iota(jnp.int32, rows.shape, 0))
+    cols = lax.broadcasted_iota(jnp.int32, (1, out.shape[1]), 1)
+    plgpu.store(o_ref.at[rows[:, None], cols], out.astype(o_ref.dtype),
+                mask=jnp.broadcast_to(keep[:, None], out.shape))
+
+
 def _prefill_block(meta_ref, pages_ref, q_ref, kv_ref, o_ref, b, h, *, sm_scale, sliding_window, soft_cap,
-                   group, group_pad, num_tokens, bq, page_size, pages_per_seq, kv_block, exact, sinks):
+                   group, group_pad, num_tokens, bq, page_size, pages_per_seq, kv_block, exact, sink):
     """The work of one prefill program of the attention launch: query block b, kv head h.
-    q_ref is q as rows [T * Hq, D]; o_ref the output the same way, with `sinks` (interpret
-    mode) sink rows at the end that masked rows point at (interpret mode needs that no two rows
-    of a store share an address; compiled, masked rows are not stored, so the output has no
-    spare rows to slice off). A zero block (kv_len 0) attends to no key: its rows store zeros.
+    q_ref is q as rows [T * Hq, D]; o_ref the output the same way (plus, in interpret mode, the
+    spare rows from `sink` on: `_store_rows`). A zero block (kv_len 0) attends to no key: its
+    rows store zeros.
     kv_ref is the cache as rows [num_pages * page_size, 2 * Hkv, D]: a KV block of
     `kv_block` keys is one slice of a page where pages hold whole blocks, else gathered row by
     row from its pages into one tile, so the dots are [M, kv_block] wide whatever the page size."""
@@ -230,13 +241,11 @@ def _prefill_block(meta_ref, pages_ref, q_ref, kv_ref, o_ref, b, h, *, sm_scale,
     num_open = first_block if sliding_window is not None else jnp.clip((pos0 + 1) // kv_block, 0, num_blocks)
     stats = lax.fori_loop(first_block, num_open, functools.partial(block_step, masked=False), stats)
     _, l, acc = lax.fori_loop(num_open, num_blocks, block_step, stats)
-    out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+    out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # cast by _store_rows
     # Rows past the block's end belong to other tokens, rows past the group to no head: masked,
     # never stored.
     keep = (i < rows * group_pad) & (g < group)  # [M]
-    dest = (jnp.where(keep, rows_at, num_tokens * group * num_kv_heads + i) if sinks else rows_at)[:, None]  # [M, 1]
-    cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)  # [1, D] (interpret mode masks only array indices)
-    plgpu.store(o_ref.at[dest, cols], out, mask=jnp.broadcast_to(keep[:, None], (m_rows, head_dim)))
+    _store_rows(o_ref, rows_at, out, keep, sink)
 
 
 # ---- the attention launch: prefill and decode programs in one grid -----------------------------
@@ -285,15 +294,9 @@ def _attend_kernel(units_ref, dec_meta_ref, pre_meta_ref, pages_ref, q_ref, kv_r
         tok, kv_len, out, lse = decode_slot(dec_meta_ref, pages_ref, q_ref, kv_ref, slot, h, split, **decode)
         group, group_pad, num_kv_heads = decode["group"], decode["group_pad"], decode["num_kv_heads"]
         g = lax.broadcasted_iota(jnp.int32, (out.shape[0],), 0)
-        if num_splits == 1:  # the row itself; masked rows point at sink rows past the end (interpret)
-            keep = (g < group) & (kv_len > 0)
-            row = q_row(tok, h, g, group=group, num_kv_heads=num_kv_heads)
-            if prefill["sinks"]:
-                row = jnp.where(keep, row, prefill["num_tokens"] * group * num_kv_heads + g)
-            dest = row[:, None]
-            cols = lax.broadcasted_iota(jnp.int32, (1, out.shape[1]), 1)
-            plgpu.store(o_ref.at[dest, cols], out.astype(o_ref.dtype),
-                        mask=jnp.broadcast_to(keep[:, None], out.shape))
+        if num_splits == 1:  # the rows themselves
+            _store_rows(o_ref, q_row(tok, h, g, group=group, num_kv_heads=num_kv_heads), out,
+                        (g < group) & (kv_len > 0), prefill["sink"])
         else:
             part_ref, lse_ref = part_refs
             base = ((slot * num_splits + split) * num_kv_heads + h) * group_pad
@@ -430,9 +433,13 @@ def ragged_paged_attention_gpu(
             sliding_window=sliding_window, cache_dtype=kv_pages.dtype)
         is_prefill &= ~first
     pre_meta = _prefill_metadata(cu, q_lens, kv_lens, is_prefill, num_seqs, num_tokens, bq, num_blocks)
-    prefill = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, group=group,
-                   group_pad=group_pad, num_tokens=num_tokens, bq=bq, page_size=page_size,
-                   pages_per_seq=pages_per_seq, kv_block=kv_block_size, exact=exact, sinks=bool(interpret))
+    # Static kwargs of both kinds of program (`_prefill_block`, `gpu_decode.decode_slot`).
+    common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, group=group,
+                  group_pad=group_pad, page_size=page_size, pages_per_seq=pages_per_seq, exact=exact)
+    m_dec = decode_rows(group_pad)
+    spare_rows = max(bq * group_pad, m_dec) if interpret else 0  # past the output's end (`_store_rows`)
+    prefill = dict(common, num_tokens=num_tokens, bq=bq, kv_block=kv_block_size,
+                   sink=num_tokens * num_q_heads if interpret else None)
     prefill_tile = 2 * kv_block_size * head_dim * kv_pages.dtype.itemsize  # K + V of a pipeline stage
     stages = num_stages or _prefill_stages(kv_block_size, head_dim, kv_pages.dtype.itemsize)
 
@@ -466,14 +473,10 @@ def ragged_paged_attention_gpu(
                               jnp.where(slot_valid, kv_lens[slot_seq], 0),
                               jnp.broadcast_to(used_splits, (slots,))], axis=1).astype(jnp.int32)  # [slots, 4]
         decode_units = slots * num_splits
-        decode = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, group=group,
-                      group_pad=group_pad, page_size=page_size, pages_per_seq=pages_per_seq,
-                      pages_per_iter=pages_per_iter, num_kv_heads=num_kv_heads, exact=exact)
+        decode = dict(common, pages_per_iter=pages_per_iter, num_kv_heads=num_kv_heads)
     units = jnp.stack([num_decode * num_splits if decode_units else 0,
                        jnp.sum(pre_meta[:, 2] > 0)]).astype(jnp.int32)  # real (decode, prefill) units
-    m_dec = decode_rows(group_pad)
-    sink = max(bq * group_pad, m_dec) if interpret else 0  # rows past the end that masked rows are stored to
-    out_shape = [jax.ShapeDtypeStruct((num_tokens * num_q_heads + sink, head_dim), q.dtype)]
+    out_shape = [jax.ShapeDtypeStruct((num_tokens * num_q_heads + spare_rows, head_dim), q.dtype)]
     partial_rows = slots * num_splits * num_kv_heads * group_pad
     if decode_units and num_splits > 1:  # m_dec spare rows: the last program's masked tile stays in bounds
         out_shape += [jax.ShapeDtypeStruct((partial_rows + m_dec, head_dim), jnp.float32),
