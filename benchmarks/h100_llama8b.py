@@ -11,7 +11,9 @@ writing `PART.json` to --out-dir as soon as it is done (a run cut short keeps wh
    ctx 1024, over the copy bandwidth); decode step time at ctx 1024 for each --batches, split
    into the compiled forward, the sampler and the rest (dispatch + the sampled ids' trip to the
    host); then jaxpaged offline on `random` --input-len in / --output-len out, --num-prompts
-   prompts, EOS ignored, counting XLA compiles during the run (must be 0); then (--prefix-cache)
+   prompts, EOS ignored, counting XLA compiles during the run (must be 0), with the workload's
+   floor at the measured rates (`roofline.offline_floor`: its matmuls and attention at the
+   matmul rate plus the decodes' KV reads at the copy bandwidth; bf16 weights only); then (--prefix-cache)
    issue 7's workload: shared-prefix (32 groups x 16 requests, 1000-token prefix, 100-token
    suffix) and a no-sharing workload of the same sizes, prefix caching off vs on (one engine,
    the cache reset and toggled between settings); and the decode step timed through the whole
@@ -34,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))  # decode_profile
 
-from jaxpaged.bench.roofline import median_seconds  # noqa: E402  (numpy only; JAX loads later)
+from jaxpaged.bench.roofline import median_seconds, offline_floor  # noqa: E402  (numpy only; JAX loads later)
 
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -386,6 +388,11 @@ def run_jax(args) -> dict:
             gc.collect()
     if not args.skip_offline:
         print_offline("offline random", report["offline"])
+        if not args.quantization:  # the floor takes the bf16 matmul rate
+            report["offline_floor"] = offline_floor(
+                config, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                matmul_flop_s=report["roofline"]["matmul_flop_s"], copy_bytes_s=bw,
+                kv_itemsize=jnp.dtype(report["engine"]["kv_cache_dtype"]).itemsize)
     save()
     if args.compare_sync and not args.skip_offline and (args.deadline is None or time.time() < args.deadline):
         engine = llm.engine
@@ -807,6 +814,16 @@ def render_markdown(s: dict) -> str:
                       f"= execute {sync['mean_execute_ms']:.1f} + host {sync['mean_host_ms']:.1f}; "
                       f"{sync['num_steps']} steps)."]
         lines += ["", f"Target >= 5800 output tok/s: {o['output_throughput'] / 5800:.2f}x of it."]
+        floor = j.get("offline_floor")
+        if floor and not o.get("truncated"):
+            output = o["total_output_tokens"]
+            lines += ["", "The workload's floor at this run's measured rates (`roofline.offline_floor`): "
+                      f"matmuls and attention {(floor['matmul_flops'] + floor['attention_flops']) / 1e15:.1f} "
+                      f"PFLOP = {floor['matmul_seconds']:.1f} s, the decodes' KV reads "
+                      f"{floor['kv_read_bytes'] / 1e12:.1f} TB = {floor['kv_read_seconds']:.1f} s; together "
+                      f"{floor['seconds']:.1f} s = {floor['output_tok_s']:.0f} output tok/s. This run took "
+                      f"{o['duration_s']:.1f} s ({floor['seconds'] / o['duration_s']:.2f}x the floor's speed); "
+                      f"5800 output tok/s needs {output / 5800:.1f} s."]
         if s.get("speedup_vs_transformers"):
             lines.append(f"jaxpaged / transformers: {s['speedup_vs_transformers']:.2f}x.")
         lines += ["", f"Per engine step ({o['num_steps']} steps): {o['mean_step_ms']:.1f} ms = "

@@ -269,8 +269,32 @@ def test_h100_llama8b_smoke(tmp_path, capsys):
     assert offline["compiles_during_run"] == 0
     markdown = (tmp_path / "h100_llama8b.md").read_text()
     for section in ("## Decode step at ctx", "Through the whole engine", "taken apart",
-                    "## Offline throughput"):
+                    "## Offline throughput", "The workload's floor at this run's measured rates"):
         assert section in markdown
+    floor = report["offline_floor"]
+    assert floor["seconds"] == floor["matmul_seconds"] + floor["kv_read_seconds"] > 0
+
+
+def test_offline_floor_of_the_8b_workload():
+    """Issue 6's offline workload on Llama-3.1-8B, counted by hand from the model card's shapes:
+    per layer q/k/v/o 4096 x (4096 + 1024 + 1024 + 4096) and the MLP 3 x 4096 x 14336 weights,
+    LM head 4096 x 128256; 1000 prompts x (1024 in, 128 out): 1151 tokens a sequence go through
+    the layers, 128 are sampled."""
+    from jaxpaged.bench.roofline import offline_floor
+    from jaxpaged.model_source import resolve_model
+
+    config = resolve_model("llama-3.1-8b", "dummy").model_config()
+    floor = offline_floor(config, num_prompts=1000, input_len=1024, output_len=128,
+                          matmul_flop_s=800e12, copy_bytes_s=3e12, kv_itemsize=2)
+    per_layer = 4096 * 10240 + 3 * 4096 * 14336  # 218,103,808 weights
+    assert floor["matmul_flops"] == 2 * 32 * per_layer * 1000 * 1151 + 2 * 4096 * 128256 * 128000
+    # causal pairs: 1 + 2 + ... + 1151 per sequence; 32 heads x 128 dims, 32 layers
+    assert floor["attention_flops"] == 4 * 4096 * 32 * 1000 * (1151 * 1152 // 2)
+    # fed-back tokens at positions 1024..1150 read 1024..1150 cached keys: 8 kv heads x 128 dims,
+    # K and V, bf16, 32 layers
+    assert floor["kv_read_bytes"] == 1000 * sum(range(1024, 1151)) * 2 * 1024 * 2 * 32
+    assert abs(floor["matmul_seconds"] - 20.7) < 0.1 and abs(floor["kv_read_seconds"] - 6.03) < 0.01
+    assert floor["output_tok_s"] == 128000 / floor["seconds"]
 
 
 def test_h100_llama8b_fp8_smoke(tmp_path):

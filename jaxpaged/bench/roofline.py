@@ -144,3 +144,41 @@ def decode_batch_inputs(batch: int, context: int, vocab_size: int, page_size: in
                                max_num_seqs=max_num_seqs or len(requests),
                                pages_per_seq=pages_per_seq, history_width=1)
     return inputs, pages_per_seq
+
+
+def offline_floor(config, *, num_prompts: int, input_len: int, output_len: int, matmul_flop_s: float,
+                  copy_bytes_s: float, kv_itemsize: int) -> dict:
+    """How fast an offline run could go on a device with the given measured rates: each of
+    `num_prompts` prompts of `input_len` tokens produces `output_len` tokens (EOS ignored).
+
+    - Matmuls: every token that goes through the layers (the prompt's, and each output token
+      but the last, fed back to decode the next) multiplies by every linear weight, 2 flops a
+      weight; each output token also by the LM head (its logits).
+    - Attention's QK^T and PV: 4 * Hq * head_dim flops per (query, key) pair, causal.
+    - Both at the matmul rate; then each fed-back token reads its sequence's cached keys and
+      values once, at the copy bandwidth (prefill's reads are inside its flops).
+
+    The parts are added: the engine runs matmuls and attention as separate kernels, one after
+    another. The sum is still a floor for this engine, not for every engine: it ignores
+    everything else a step does (norms, activations, rope, sampling), weight reads where
+    they outlast the matmuls (small decode batches), and matmuls below the measured rate."""
+    hd, layers = config.head_dim, config.num_layers
+    q_dim, kv_dim = config.num_q_heads * hd, config.num_kv_heads * hd
+    d, f = config.hidden_size, config.intermediate_size
+    linear_weights = layers * (d * (q_dim + 2 * kv_dim) + q_dim * d + 3 * d * f)
+    layer_tokens = num_prompts * (input_len + output_len - 1)
+    sampled = num_prompts * output_len
+    matmul_flops = 2 * linear_weights * layer_tokens + 2 * d * config.vocab_size * sampled
+    positions = input_len + output_len - 1  # a sequence's tokens through the layers
+    pairs = num_prompts * positions * (positions + 1) // 2  # (query, key) pairs, causal
+    attention_flops = 4 * q_dim * layers * pairs
+    # Fed-back token j (0 <= j < output_len - 1) sits at position input_len + j: it reads the
+    # input_len + j keys before it.
+    keys_read = num_prompts * sum(input_len + j for j in range(output_len - 1))
+    kv_read_bytes = keys_read * 2 * kv_dim * kv_itemsize * layers
+    matmul_seconds = (matmul_flops + attention_flops) / matmul_flop_s
+    kv_seconds = kv_read_bytes / copy_bytes_s
+    seconds = matmul_seconds + kv_seconds
+    return {"matmul_flops": matmul_flops, "attention_flops": attention_flops, "kv_read_bytes": kv_read_bytes,
+            "matmul_seconds": matmul_seconds, "kv_read_seconds": kv_seconds, "seconds": seconds,
+            "output_tok_s": sampled / seconds}
