@@ -271,8 +271,8 @@ def test_h100_llama8b_smoke(tmp_path, capsys):
     for section in ("## Decode step at ctx", "Through the whole engine", "taken apart",
                     "## Offline throughput", "The workload's floor at this run's measured rates"):
         assert section in markdown
-    floor = report["offline_floor"]
-    assert floor["seconds"] == floor["matmul_seconds"] + floor["kv_read_seconds"] > 0
+    floor = report["offline_floor"]  # its counts are checked in test_offline_floor_of_the_8b_workload
+    assert floor["matmul_seconds"] > 0 and floor["kv_read_seconds"] > 0
 
 
 def test_offline_floor_of_the_8b_workload():
