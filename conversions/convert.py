@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: q, k and v in one leaf (`models.params.join_qkv`); 1 held three
 FORMAT = "jaxpaged-orbax"
 METADATA_FILE = "jaxpaged_checkpoint.json"
 PARAMS_DIR = "params"
@@ -118,9 +118,9 @@ def read_params(config, weights, dtype: np.dtype, *, progress: bool = True) -> d
             if array.dtype not in _FLOAT_KINDS:
                 raise ConversionError(f"corrupted tensor {name}: dtype {array.dtype}, expected a "
                                       "float16/bfloat16/float32 tensor")
-            if array.shape != spec.hf_shape:
+            if array.shape != spec.hf_shape_of(name):
                 raise ConversionError(f"corrupted tensor {name}: shape {array.shape}, expected "
-                                      f"{spec.hf_shape} from the config")
+                                      f"{spec.hf_shape_of(name)} from the config")
             if array.dtype == np.float16:  # through float32: keeps ml_dtypes' casts exact
                 array = array.astype(np.float32)
             leaf = assembler.add(name, array.astype(dtype))

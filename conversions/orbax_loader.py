@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from conversions.convert import FORMAT, METADATA_FILE, PARAMS_DIR
+from conversions.convert import CONVERTER_VERSION, FORMAT, METADATA_FILE, PARAMS_DIR
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.params import _is_spec, param_specs
 from jaxpaged.sharding import ShardingPlan
@@ -32,7 +32,11 @@ def read_metadata(path: str | Path) -> dict:
 def restore_params(path: str | Path, config: ModelConfig, dtype, plan: ShardingPlan | None = None) -> dict:
     import orbax.checkpoint as ocp
 
-    read_metadata(path)
+    metadata = read_metadata(path)
+    if metadata.get("converter_version") != CONVERTER_VERSION:
+        raise ValueError(f"{path} was converted by another jaxpaged version (converter "
+                         f"{metadata.get('converter_version')}, this one reads "
+                         f"{CONVERTER_VERSION}); re-run jaxpaged convert")
     plan = plan or ShardingPlan.build(config)
     params_dir = (Path(path) / PARAMS_DIR).resolve()
     specs = param_specs(config)

@@ -39,7 +39,8 @@ RULES: dict[str, str | None] = {
     "vocab": MODEL,  # vocab-parallel embedding and LM head
     "embed": None,  # the residual stream stays whole on every device
     "q_heads": MODEL,  # column-parallel q (and row-parallel o)
-    "kv_heads": MODEL,  # column-parallel k/v; also the KV cache's head axis
+    "kv_heads": MODEL,  # the KV cache's head axis
+    "qkv_heads": MODEL,  # column-parallel fused q/k/v (whole KV heads with their query groups)
     "mlp": MODEL,  # column-parallel gate/up, row-parallel down
 }
 
@@ -126,6 +127,19 @@ class ShardingPlan:
         return NamedSharding(self.mesh, partition_spec(logical_axes, self.rules))
 
     @property
+    def qkv_head_sources(self) -> tuple[int, ...]:
+        """Per head-sized column block of the padded fused q/k/v leaf (`params.join_qkv`: each KV
+        head's query group, its key, its value), the source leaf's block, or -1 (zeros)."""
+        group = self.source_config.num_q_heads // self.source_config.num_kv_heads
+        padded_group = self.config.num_q_heads // self.config.num_kv_heads
+        sources = []
+        for j, kv in enumerate(self.kv_head_sources):
+            for q in self.q_head_sources[j * padded_group:(j + 1) * padded_group]:
+                sources.append(q // group * (group + 2) + q % group if q >= 0 else -1)
+            sources += [kv * (group + 2) + group, kv * (group + 2) + group + 1]
+        return tuple(sources)
+
+    @property
     def kv_pages_sharding(self) -> NamedSharding:
         return self.sharding(KV_PAGES_AXES)
 
@@ -137,6 +151,8 @@ class ShardingPlan:
                 array = _select_heads(array, axis, self.q_head_sources, hd, xp)
             elif name == "kv_heads":
                 array = _select_heads(array, axis, self.kv_head_sources, hd, xp)
+            elif name == "qkv_heads":
+                array = _select_heads(array, axis, self.qkv_head_sources, hd, xp)
             elif name == "mlp" and array.shape[axis] != self.config.intermediate_size:
                 widths = [(0, 0)] * array.ndim
                 widths[axis] = (0, self.config.intermediate_size - array.shape[axis])

@@ -59,6 +59,16 @@ def test_hf_dir_round_trip_is_bit_identical(qwen2_dir, tmp_path, dtype, jax_dtyp
     assert tokenizer.eos_token_id == original.eos_token_id is not None
 
 
+def test_checkpoint_of_another_converter_version_is_refused(qwen2_dir, tmp_path):
+    """Version 1 held q, k and v as three leaves: loading one asks for a new conversion."""
+    dst = convert(str(qwen2_dir), tmp_path / "out", dtype="fp32", progress=False)
+    metadata = json.loads((dst / METADATA_FILE).read_text())
+    (dst / METADATA_FILE).write_text(json.dumps({**metadata, "converter_version": "1"}))
+    config = ModelConfig.from_hf_config(resolve_model(str(dst)).hf_config())
+    with pytest.raises(ValueError, match=r"converter 1, this one reads 2\); re-run jaxpaged convert"):
+        restore_params(dst, config, jnp.float32)
+
+
 def test_converted_dir_serves_as_model_and_restores_under_tp2(tmp_path):
     """4 query / 2 KV heads: TP=2 needs no padding, so orbax restores each leaf straight into its
     target sharding; the worker checks every leaf's sharding and TP=2 against TP=1."""

@@ -64,18 +64,23 @@ def test_dummy_weights_run_the_real_forward(dummy_llm):
 
     params = dummy_llm.engine.params
     assert float(np.asarray(params["final_norm"]).std()) == 0.0  # norm scales are ones
-    assert 0.015 < float(np.asarray(params["layers"][0]["q_proj"]).std()) < 0.025
+    assert 0.015 < float(np.asarray(params["layers"][0]["qkv_proj"]).std()) < 0.025
     config = AutoConfig.for_model(**TINY)
     model = AutoModelForCausalLM.from_config(config).eval()
     state = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"],
              "lm_head.weight": np.asarray(params["lm_head"]).T}
     hf_names = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm",
-                **{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-                "down_proj": "mlp.down_proj"}
+                "o_proj": "self_attn.o_proj", "down_proj": "mlp.down_proj"}
+    heads, kv_heads = TINY["num_attention_heads"], TINY["num_key_value_heads"]
+    head_dim, group = TINY["hidden_size"] // heads, heads // kv_heads
     for i, layer in enumerate(params["layers"]):
         for ours, theirs in hf_names.items():
             value = np.asarray(layer[ours])
             state[f"model.layers.{i}.{theirs}.weight"] = value.T if value.ndim == 2 else value
+        # [D, Hkv * (G + 2) * hd]: per KV head its G query heads, then its key, then its value
+        qkv = np.asarray(layer["qkv_proj"]).reshape(-1, kv_heads, group + 2, head_dim)
+        for name, part in (("q", qkv[:, :, :group]), ("k", qkv[:, :, group]), ("v", qkv[:, :, group + 1])):
+            state[f"model.layers.{i}.self_attn.{name}_proj.weight"] = part.reshape(len(part), -1).T
         gate_up = np.asarray(layer["gate_up_proj"])  # [D, 2, F]: gate, then up
         state[f"model.layers.{i}.mlp.gate_proj.weight"] = gate_up[:, 0].T
         state[f"model.layers.{i}.mlp.up_proj.weight"] = gate_up[:, 1].T
@@ -86,8 +91,11 @@ def test_dummy_weights_run_the_real_forward(dummy_llm):
     for prompt, output in zip(prompts, outputs):
         ids = torch.tensor([prompt])
         with torch.no_grad():
+            # No EOS on the HF side either (ignore_eos): its config defaults to EOS id 2, which
+            # min_new_tokens would ban and random weights may well prefer.
             expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=6, min_new_tokens=6)[0, len(prompt):].tolist()
+                                      max_new_tokens=6, eos_token_id=None,
+                                      pad_token_id=0)[0, len(prompt):].tolist()
         assert output.outputs[0].token_ids == expected
         assert output.outputs[0].text == ""  # no tokenizer: token ids only
 

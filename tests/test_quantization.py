@@ -167,7 +167,7 @@ def test_fp8_params_are_e4m3_and_freed(tmp_path):
         assert layer[name]["weight"].dtype == ml_dtypes.float8_e4m3fn, name
         assert layer[name]["scale"].dtype == np.float32, name
     assert layer["gate_up_proj"]["weight"].shape == (2, 128, 96)  # [gate/up, F, D]: input last
-    assert layer["q_bias"].dtype == np.float32 and llm.engine.params["embed"].dtype == np.float32
+    assert layer["qkv_bias"].dtype == np.float32 and llm.engine.params["embed"].dtype == np.float32
     assert llm.generate([[5, 6, 7]], jaxpaged.SamplingParams(max_tokens=3, ignore_eos=True))[0]
     assert llm.engine.config.quantization == "fp8"
 

@@ -31,10 +31,10 @@ NUM_DECODE_STEPS = 6
 PROMPTS = ([5, 9, 14, 3, 27, 8, 11], [40, 2, 19])
 # The shardings the rules table must produce (PartitionSpec as a tuple, mesh axis "model").
 EXPECTED_SPECS = {
-    "q_proj": (None, "model"), "k_proj": (None, "model"), "v_proj": (None, "model"),
+    "qkv_proj": (None, "model"),
     "gate_up_proj": (None, None, "model"),
     "o_proj": ("model", None), "down_proj": ("model", None),
-    "q_bias": ("model",), "k_bias": ("model",), "v_bias": ("model",),
+    "qkv_bias": ("model",),
     "input_norm": (None,), "post_norm": (None,), "q_norm": (None,), "k_norm": (None,),
     "final_norm": (None,), "embed": ("model", None), "lm_head": (None, "model"),
 }

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.layers import add, add_rms_norm, rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
+from jaxpaged.models.params import split_qkv
 from jaxpaged.models.quant import Fp8Ops, linear, project, quantizes_activations
 from jaxpaged.step_inputs import AttentionMetadata
 
@@ -68,13 +69,13 @@ def decoder_layer(layer: dict, pages, x, delta, rope, metadata: AttentionMetadat
     num_tokens = x.shape[0]
     hd, eps = config.head_dim, config.rms_norm_eps
     x, h = add_rms_norm(x, delta, layer["input_norm"], eps, ops=fp8_ops,
-                        quantize=quantizes_activations(x, layer["q_proj"]))
-    q, k, v = (linear(h, layer[name]) for name in ("q_proj", "k_proj", "v_proj"))
+                        quantize=quantizes_activations(x, layer["qkv_proj"]))
+    qkv = linear(h, layer["qkv_proj"])  # [T, Hkv * (G + 2) * hd]: q, k, v by KV head
     if config.qkv_bias:
-        q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
-    q = q.reshape(num_tokens, config.num_q_heads, hd)  # [T, Hq, hd]
-    k = k.reshape(num_tokens, config.num_kv_heads, hd)  # [T, Hkv, hd]
-    v = v.reshape(num_tokens, config.num_kv_heads, hd)  # [T, Hkv, hd]
+        qkv = qkv + layer["qkv_bias"]
+    # q [T, Hq, hd], k and v [T, Hkv, hd]
+    q, k, v = split_qkv(qkv, num_q_heads=config.num_q_heads, num_kv_heads=config.num_kv_heads,
+                        head_dim=hd)
     if config.qk_norm:
         q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
     # attention rotates q and k by rope's (cos, sin) (in its kernel where the backend can)

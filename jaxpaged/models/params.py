@@ -7,7 +7,12 @@ pytrees: {"embed", "layers": [dict per layer], "final_norm", optional "lm_head"}
 are stored [in, out] so the forward pass reads `x @ w`; HF stores [out, in], so they load transposed.
 The MLP's gate and up projections are one leaf, [in, 2, out] (gate, then up), so one matmul
 reads both: one kernel a layer fewer in a decode step. The stacked axis sits before the sharded
-one, so tensor parallelism splits both halves alike.
+one, so tensor parallelism splits both halves alike. Likewise q, k and v are one leaf,
+[in, Hkv * (G + 2) * head_dim]: for each KV head its G query heads, then its key, then its value
+(`join_qkv`), so tensor parallelism's equal column blocks give each device whole KV heads with
+their query groups. With three leaves XLA merged the three matmuls itself and concatenated the
+weights again in every step (an 8B model on the H100: 33 us a layer of a prefill step; its
+decode steps read the three weights through a slower Triton GEMM).
 """
 
 from collections.abc import Iterable
@@ -26,20 +31,48 @@ from jaxpaged.sharding import ShardingPlan
 class ParamSpec:
     shape: tuple[int, ...]
     logical_axes: tuple[str | None, ...]
-    hf_name: str | tuple[str, ...]  # a tuple: HF tensors stacked on axis 1, in this order
+    hf_name: str | tuple[str, ...]  # a tuple: HF tensors joined into the leaf (`join`), in order
     transpose: bool = False  # HF [out, in] -> ours [in, out]
+    # (Hq, Hkv, head_dim): the HF tensors are q, k and v, joined on the last axis by `join_qkv`
+    qkv_heads: tuple[int, int, int] | None = None
 
     @property
     def hf_names(self) -> tuple[str, ...]:
         return self.hf_name if isinstance(self.hf_name, tuple) else (self.hf_name,)
 
-    @property
-    def hf_shape(self) -> tuple[int, ...]:
-        """The shape each HF tensor of this leaf has."""
+    def hf_shape_of(self, name: str) -> tuple[int, ...]:
+        """The shape HF tensor `name` of this leaf has."""
         shape = self.shape
-        if isinstance(self.hf_name, tuple):
+        if self.qkv_heads is not None:
+            hq, hkv, hd = self.qkv_heads
+            width = hq * hd if self.hf_names.index(name) == 0 else hkv * hd
+            shape = shape[:-1] + (width,)
+        elif isinstance(self.hf_name, tuple):
             shape = shape[:1] + shape[2:]
         return shape[::-1] if self.transpose else shape
+
+    def join(self, parts: list[np.ndarray]) -> np.ndarray:
+        """The leaf from its HF tensors' arrays (already in our orientation), in `hf_names` order."""
+        if self.qkv_heads is not None:
+            return join_qkv(*parts, num_kv_heads=self.qkv_heads[1], head_dim=self.qkv_heads[2])
+        return np.stack(parts, axis=1)
+
+
+def join_qkv(q, k, v, *, num_kv_heads: int, head_dim: int, xp=np):
+    """q [..., Hq * hd], k and v [..., Hkv * hd] -> [..., Hkv * (G + 2) * hd]: for each KV head,
+    its G = Hq / Hkv query heads, then its key, then its value (the fused q/k/v leaf's columns)."""
+    lead = q.shape[:-1]
+    q, k, v = (a.reshape(*lead, num_kv_heads, -1, head_dim) for a in (q, k, v))
+    return xp.concatenate([q, k, v], axis=-2).reshape(*lead, -1)
+
+
+def split_qkv(qkv, *, num_q_heads: int, num_kv_heads: int, head_dim: int):
+    """The inverse of `join_qkv` for rows: [T, Hkv * (G + 2) * hd] -> q [T, Hq, hd], k and v
+    [T, Hkv, hd]."""
+    num_tokens, group = qkv.shape[0], num_q_heads // num_kv_heads
+    qkv = qkv.reshape(num_tokens, num_kv_heads, group + 2, head_dim)
+    return (qkv[:, :, :group].reshape(num_tokens, num_q_heads, head_dim),
+            qkv[:, :, group], qkv[:, :, group + 1])
 
 
 class LeafAssembler:
@@ -63,9 +96,9 @@ class LeafAssembler:
             return None
         i, j = self.by_name[name]
         spec = self.leaves[i]
-        if array.shape != spec.hf_shape:
+        if array.shape != spec.hf_shape_of(name):
             raise self.error(f"tensor {name} has shape {tuple(array.shape)}, expected "
-                             f"{spec.hf_shape} from the config")
+                             f"{spec.hf_shape_of(name)} from the config")
         array = array.T if spec.transpose else array
         if not isinstance(spec.hf_name, tuple):
             self.done.add(i)
@@ -76,7 +109,7 @@ class LeafAssembler:
             return None
         del self.parts[i]
         self.done.add(i)
-        return i, np.stack([parts[k] for k in range(len(parts))], axis=1)
+        return i, spec.join([parts[k] for k in range(len(parts))])
 
     def check_complete(self, what: str = "the checkpoint") -> None:
         missing = [name for i, spec in enumerate(self.leaves) if i not in self.done
@@ -90,6 +123,7 @@ def param_specs(config: ModelConfig) -> dict:
     """The params pytree with a ParamSpec at every leaf."""
     d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
     q_dim, kv_dim = config.num_q_heads * hd, config.num_kv_heads * hd
+    qkv_dim, heads = q_dim + 2 * kv_dim, (config.num_q_heads, config.num_kv_heads, hd)
 
     def linear(name, n_in, n_out, axes):
         return ParamSpec((n_in, n_out), axes, f"{name}.weight", transpose=True)
@@ -97,11 +131,14 @@ def param_specs(config: ModelConfig) -> dict:
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
+
+        def qkv_names(suffix):
+            return tuple(f"{p}self_attn.{x}_{suffix}" for x in "qkv")
+
         layer = {
             "input_norm": ParamSpec((d,), ("embed",), p + "input_layernorm.weight"),
-            "q_proj": linear(p + "self_attn.q_proj", d, q_dim, ("embed", "q_heads")),
-            "k_proj": linear(p + "self_attn.k_proj", d, kv_dim, ("embed", "kv_heads")),
-            "v_proj": linear(p + "self_attn.v_proj", d, kv_dim, ("embed", "kv_heads")),
+            "qkv_proj": ParamSpec((d, qkv_dim), ("embed", "qkv_heads"), qkv_names("proj.weight"),
+                                  transpose=True, qkv_heads=heads),
             "o_proj": linear(p + "self_attn.o_proj", q_dim, d, ("q_heads", "embed")),
             "post_norm": ParamSpec((d,), ("embed",), p + "post_attention_layernorm.weight"),
             "gate_up_proj": ParamSpec((d, 2, f), ("embed", None, "mlp"),
@@ -110,9 +147,8 @@ def param_specs(config: ModelConfig) -> dict:
             "down_proj": linear(p + "mlp.down_proj", f, d, ("mlp", "embed")),
         }
         if config.qkv_bias:
-            for name, width, axis in (("q", q_dim, "q_heads"), ("k", kv_dim, "kv_heads"),
-                                      ("v", kv_dim, "kv_heads")):
-                layer[f"{name}_bias"] = ParamSpec((width,), (axis,), p + f"self_attn.{name}_proj.bias")
+            layer["qkv_bias"] = ParamSpec((qkv_dim,), ("qkv_heads",), qkv_names("proj.bias"),
+                                          qkv_heads=heads)
         if config.qk_norm:
             layer["q_norm"] = ParamSpec((hd,), (None,), p + "self_attn.q_norm.weight")
             layer["k_norm"] = ParamSpec((hd,), (None,), p + "self_attn.k_norm.weight")

@@ -25,7 +25,7 @@ from jaxpaged.config import QUANTIZATIONS
 from pallas_kernels.fp8_activations import (FP8, FP8_MAX, TINY, add_rms_norm_fp8_reference,
                                             quantize_rows, swiglu_fp8_reference)
 
-QUANTIZED_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+QUANTIZED_LEAVES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # Buckets below this many rows multiply bf16 activations by the e4m3 weights converted inside
 # XLA's GEMM fusion (decode is bound by weight bytes, which that halves); from here up, e4m3 x
 # e4m3 on cuBLASLt (prefill is bound by arithmetic, which that doubles). The 8B forward on an
