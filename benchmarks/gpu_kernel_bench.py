@@ -151,8 +151,8 @@ def measure(kind, batch, q_len, ctx, page_size, impl, opts, *, hq, hkv, d, dtype
         op = lambda *x: ragged_paged_attention_gpu(*x, interpret=interpret, prefill_impl="cudnn", **static, **opts)
     else:  # "pallas" / "triton": the whole op with that decode kernel
         op = lambda *x: ragged_paged_attention_gpu(*x, interpret=interpret, decode_impl=impl, **static, **opts)
-    # q, k and v as slices of one array, as the engine's merged q/k/v projection makes them (the
-    # decode-only op then reads that array in place instead of copying q, k and v out of it).
+    # q, k and v as slices of one array, as the engine's fused q/k/v projection makes them (there
+    # by KV head, here [q | k | v]; the decode-only op then reads that array in place).
     q, k, v, *rest = args
     args = (jnp.concatenate([q, k, v], axis=1), *rest)
     per_op = lambda qkv, *x: op(qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:], *x)
@@ -190,6 +190,8 @@ def main():
     ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--sweep-prefill", action="store_true",
                     help="also prefill block/warps/stages variants at --page-size")
+    ap.add_argument("--sweep-mixed", action="store_true",
+                    help="also the offline run's mixed steps with prefill block/warps/stages variants")
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--loop", type=int, default=20, help="op applications per timed program (1: one jitted call each)")
     ap.add_argument("--prefill-impl", nargs="+", default=["pallas"], choices=["pallas", "cudnn"],
@@ -317,6 +319,14 @@ def main():
         for bq, ppb, warps, stages in ((16, 1, 4, 2), (32, 1, 8, 2)):
             opts = dict(q_block_size=bq, kv_block_size=ppb * page, num_warps=warps, num_stages=stages)
             measure_row("prefill", 1, 2048, 2048, page, "pallas", opts)
+    if a.sweep_mixed and not a.smoke:
+        # The offline run's mixed steps with the launch's prefill tile and warps varied (the warps
+        # and stages are the whole launch's, so the decode programs run with them too).
+        for bq, keys, warps, stages in ((16, 64, 4, None), (32, 64, 8, 3), (32, 64, 4, 3), (16, 64, 8, 3),
+                                        (16, 64, 4, 2), (16, 128, 4, 2)):
+            opts = dict(q_block_size=bq, kv_block_size=keys, num_warps=warps, num_stages=stages)
+            for batch, shape in ((256, (2, 1024, 4096)), (256, (7, 1024, 8192))):
+                measure_row("mixed", batch, shape, 1088, page, "pallas", opts)
     if a.sweep_prefill and not a.smoke:
         # (q block, keys per KV block, warps, stages); the first is the default (stages by tile
         # bytes: 3 here). M rows of a tile = q block x 4 (Llama-3's 4 q heads per KV head).
