@@ -17,7 +17,8 @@ path, no metadata ops) for batch 1 and 32, which separates the kernel from the o
 `--sweep-triton` adds Triton tile/pipelining/split variants; `--sweep-decode-only`
 split/tile/pipelining variants of the decode-only op; `--sweep-engine-decode` its tile,
 pipelining, warp and split variants at --page-size, ctx 1024, for --engine-batches (`--no-cases`:
-the sweeps alone); `--sweep-prefill` prefill block, warp and pipelining variants; `--prefill-impl
+the sweeps alone); `--sweep-prefill` prefill block, warp and pipelining variants (`--sweep-mixed`:
+the same on the offline run's two mixed steps); `--prefill-impl
 pallas cudnn` times the prefill shapes also with first chunks through cuDNN; `--mixed` adds
 mixed steps (decodes and first chunks in one bucket, the offline run's steady state: ms per op,
 the decodes' bytes and the chunks' flops); `--md` writes a side-by-side table.
