@@ -19,7 +19,7 @@ split/tile/pipelining variants of the decode-only op; `--sweep-engine-decode` it
 pipelining, warp and split variants at --page-size, ctx 1024, for --engine-batches (`--no-cases`:
 the sweeps alone); `--sweep-prefill` prefill block, warp and pipelining variants (`--sweep-mixed`:
 the same on the offline run's two mixed steps); `--prefill-impl
-pallas cudnn` times the prefill shapes also with first chunks through cuDNN; `--mixed` adds
+pallas cudnn` times the prefill (and mixed) shapes also with first chunks through cuDNN; `--mixed` adds
 mixed steps (decodes and first chunks in one bucket, the offline run's steady state: ms per op,
 the decodes' bytes and the chunks' flops); `--md` writes a side-by-side table.
 
@@ -273,7 +273,8 @@ def main():
 
     for kind, batch, q_len, ctx in [] if a.no_cases else cases:
         opts = dict(q_block_size=4) if a.smoke and kind != "decode" else {}
-        impls = {"decode": a.decode_impl, "prefill": a.prefill_impl}.get(kind, ["pallas"])
+        impls = {"decode": a.decode_impl, "prefill": a.prefill_impl,
+                 "mixed": ["pallas"] + [i for i in a.prefill_impl if i == "cudnn"]}[kind]
         for impl in [i for i in impls if i != "decode_only" or kind == "decode"]:
             measure_row(kind, batch, q_len, ctx, page, impl, opts)
         if a.kernel_only and kind == "decode" and batch in (1, 2, 32):
