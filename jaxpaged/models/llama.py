@@ -73,7 +73,6 @@ def decoder_layer(layer: dict, pages, x, delta, rope, metadata: AttentionMetadat
     qkv = linear(h, layer["qkv_proj"])  # [T, Hkv * (G + 2) * hd]: q, k, v by KV head
     if config.qkv_bias:
         qkv = qkv + layer["qkv_bias"]
-    # q [T, Hq, hd], k and v [T, Hkv, hd]
     q, k, v = split_qkv(qkv, num_q_heads=config.num_q_heads, num_kv_heads=config.num_kv_heads,
                         head_dim=hd)
     if config.qk_norm:

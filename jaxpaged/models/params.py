@@ -58,12 +58,12 @@ class ParamSpec:
         return np.stack(parts, axis=1)
 
 
-def join_qkv(q, k, v, *, num_kv_heads: int, head_dim: int, xp=np):
+def join_qkv(q, k, v, *, num_kv_heads: int, head_dim: int):
     """q [..., Hq * hd], k and v [..., Hkv * hd] -> [..., Hkv * (G + 2) * hd]: for each KV head,
     its G = Hq / Hkv query heads, then its key, then its value (the fused q/k/v leaf's columns)."""
     lead = q.shape[:-1]
     q, k, v = (a.reshape(*lead, num_kv_heads, -1, head_dim) for a in (q, k, v))
-    return xp.concatenate([q, k, v], axis=-2).reshape(*lead, -1)
+    return np.concatenate([q, k, v], axis=-2).reshape(*lead, -1)
 
 
 def split_qkv(qkv, *, num_q_heads: int, num_kv_heads: int, head_dim: int):
