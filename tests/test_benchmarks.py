@@ -465,3 +465,28 @@ def test_dispatch_probe_smoke(tmp_path):
         assert row["sync_ms"] > 0 and row["dispatch_idle_ms"] > 0
         for variant in ("pipelined", "pipelined_device_inputs"):
             assert row[variant]["wall_ms_per_step"] > 0 and row[variant]["dispatch_ms_median"] > 0
+
+
+def test_gemm_rates_layouts_compute_the_same_linear():
+    """Every weight layout gemm_rates.py times is the same product as numpy's x @ w."""
+    import gemm_rates
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((8, 6)).astype(np.float32)
+    for name, (fn, make) in gemm_rates.LAYOUTS.items():
+        out = fn(x, np.asarray(make(w)))
+        out = np.concatenate(out, axis=-1) if isinstance(out, tuple) else out
+        np.testing.assert_allclose(np.asarray(out), x @ w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_gemm_rates_smoke(tmp_path):
+    import gemm_rates
+
+    out = tmp_path / "gemm.json"
+    assert gemm_rates.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {row["name"] for row in report["burst"]} == {"qkv", "o", "gate_up", "down"}
+    assert all(row[layout]["us"] > 0 for row in report["burst"] for layout in ("in_out", "out_in"))
+    assert all(row[name]["us"] > 0 for row in report["mlp"] for name in gemm_rates.MLP_OPTIONS)
+    assert [run["windows"] for run in report["sustained"]] and all(
+        run["best_tflop_s"] > 0 for run in report["sustained"])
