@@ -19,80 +19,15 @@ from that rate, and whether the card holds it for as long as an offline run last
 
 import argparse
 import json
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_clocks
+
+from gpu_clocks import SmiSampler, summarize  # noqa: E402
 
 HIDDEN, INTERMEDIATE, QKV = 4096, 14336, 6144  # Llama-3.1-8B
-SMI_FIELDS = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu"
-REASON_FIELDS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # new name, old name
-
-
-class SmiSampler:
-    """`nvidia-smi` readings every `period_ms` in a background thread (none where it is absent)."""
-
-    def __init__(self, period_ms: int = 200):
-        self.samples, self.period_ms, self.process = [], period_ms, None
-
-    def __enter__(self):
-        fields = None
-        for reasons in REASON_FIELDS:  # drivers name the throttle reasons differently
-            try:
-                probe = subprocess.run(["nvidia-smi", f"--query-gpu={SMI_FIELDS},{reasons}",
-                                        "--format=csv,noheader"], capture_output=True, text=True)
-            except FileNotFoundError:
-                return self
-            if probe.returncode == 0:
-                fields = f"{SMI_FIELDS},{reasons}"
-                break
-        if fields is None:
-            return self
-        self.process = subprocess.Popen(
-            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
-             f"-lms={self.period_ms}"], stdout=subprocess.PIPE, text=True)
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-        return self
-
-    def _read(self):
-        for line in self.process.stdout:
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 6:
-                self.samples.append({"t": time.perf_counter(), "sm_mhz": _number(parts[0]),
-                                     "max_sm_mhz": _number(parts[1]), "power_w": _number(parts[2]),
-                                     "power_limit_w": _number(parts[3]), "temp_c": _number(parts[4]),
-                                     "reasons": parts[5]})
-
-    def __exit__(self, *exc):
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait()
-
-    def between(self, start: float, end: float) -> list[dict]:
-        return [s for s in self.samples if start <= s["t"] <= end]
-
-
-def _number(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def summarize_smi(samples: list[dict]) -> dict:
-    if not samples:
-        return {}
-    def mean(key):
-        values = [s[key] for s in samples if s[key] is not None]
-        return sum(values) / len(values) if values else None
-    return {"samples": len(samples), "sm_mhz": mean("sm_mhz"), "max_sm_mhz": samples[0]["max_sm_mhz"],
-            "power_w": mean("power_w"), "power_limit_w": samples[0]["power_limit_w"],
-            "temp_c": mean("temp_c"), "reasons": sorted({s["reasons"] for s in samples})}
-
 
 def in_out(x, w):
     """The model's layout: x [T, in] times w [in, out]."""
@@ -197,27 +132,23 @@ def mlp_rows(rows: list[int], hidden: int, intermediate: int, dtype, repeats: in
 
 
 def sustained(name: str, fn, flops_per_call: float, seconds: float, window: float, smi: SmiSampler) -> dict:
-    """Calls `fn()` back to back for `seconds`, blocking once per `window` seconds: the rate of
-    each window, with the nvidia-smi samples taken during it."""
-    fn().block_until_ready()
-    windows, begin = [], time.perf_counter()
-    while time.perf_counter() - begin < seconds:
-        start, calls, out = time.perf_counter(), 0, None
-        while time.perf_counter() - start < window:
-            out = fn()
-            calls += 1
-        out.block_until_ready()
-        end = time.perf_counter()
-        windows.append({"t": start - begin, "tflop_s": calls * flops_per_call / (end - start) / 1e12,
-                        "smi": summarize_smi(smi.between(start, end))})
+    """Calls `fn()` back to back for `seconds` (`roofline.rate_windows`): each window's rate,
+    with the nvidia-smi samples taken during it."""
+    from jaxpaged.bench.roofline import rate_windows
+
+    found = rate_windows(fn, flops_per_call, seconds, window)
+    begin = found[0]["start"]
+    windows = [{"t": w["start"] - begin, "tflop_s": w["rate"] / 1e12,
+                "smi": summarize(smi.between(w["start"], w["end"]))} for w in found]
     rates = [w["tflop_s"] for w in windows]
     first, last = rates[: max(1, len(rates) // 10)], rates[-max(1, len(rates) // 4):]
     result = {"name": name, "seconds": seconds, "windows": windows,
               "first_tflop_s": sum(first) / len(first), "last_quarter_tflop_s": sum(last) / len(last),
-              "best_tflop_s": max(rates), "mean_tflop_s": sum(rates) / len(rates)}
+              "best_tflop_s": max(rates), "mean_tflop_s": sum(rates) / len(rates),
+              "smi": summarize(smi.between(found[0]["start"], found[-1]["end"]))}
     print(f"sustained {name}: first {result['first_tflop_s']:.0f}, best {result['best_tflop_s']:.0f}, "
           f"mean {result['mean_tflop_s']:.0f}, last quarter {result['last_quarter_tflop_s']:.0f} TFLOP/s; "
-          f"smi at the end: {windows[-1]['smi']}", flush=True)
+          f"nvidia-smi over the run: {result['smi']}", flush=True)
     return result
 
 

@@ -6,14 +6,16 @@ writing `PART.json` to --out-dir as soon as it is done (a run cut short keeps wh
 1. `hf`: transformers `generate` (torch on the GPU, bf16, random weights of the same config,
    sdpa attention) on the first --hf-prompts prompts of the same workload, in static batches of
    --hf-batch: the baseline.
-2. `jax`: device-to-device copy bandwidth and bf16 matmul rate; the decode floor (weights read
+2. `jax`: device-to-device copy bandwidth and bf16 matmul rate (a burst, and held for seconds,
+   which on an H100 is the power cap's rate); the decode floor (weights read
    per step, the embedding table excepted since decode gathers only its rows, + KV bytes at
    ctx 1024, over the copy bandwidth); decode step time at ctx 1024 for each --batches, split
    into the compiled forward, the sampler and the rest (dispatch + the sampled ids' trip to the
    host); then jaxpaged offline on `random` --input-len in / --output-len out, --num-prompts
    prompts, EOS ignored, counting XLA compiles during the run (must be 0), with the workload's
    floor at the measured rates (`roofline.offline_floor`: its matmuls and attention at the
-   matmul rate plus the decodes' KV reads at the copy bandwidth; bf16 weights only); then (--prefix-cache)
+   matmul rate, burst and held, plus the decodes' KV reads at the copy bandwidth; bf16 weights
+   only) and the SM clock and power nvidia-smi saw during the run; then (--prefix-cache)
    issue 7's workload: shared-prefix (32 groups x 16 requests, 1000-token prefix, 100-token
    suffix) and a no-sharing workload of the same sizes, prefix caching off vs on (one engine,
    the cache reset and toggled between settings); and the decode step timed through the whole
@@ -36,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))  # decode_profile
 
+from gpu_clocks import SmiSampler  # noqa: E402
+from gpu_clocks import summarize as summarize_clocks  # noqa: E402
 from jaxpaged.bench.roofline import median_seconds, offline_floor  # noqa: E402  (numpy only; JAX loads later)
 
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -178,13 +182,16 @@ def run_hf(args) -> dict:
 # ---- part 2: roofline, decode steps, jaxpaged offline -----------------------------------------
 
 def roofline(smoke: bool) -> dict:
-    from jaxpaged.bench.roofline import copy_bandwidths, matmul_rate
+    from jaxpaged.bench.roofline import copy_bandwidths, matmul_rate, sustained_matmul_rate
 
     n_bytes = (64 << 20) if smoke else (2 << 30)
     n = 1024 if smoke else 8192
     copies = copy_bandwidths(n_bytes)
+    sustained = (sustained_matmul_rate(n, seconds=0.2, window=0.05) if smoke
+                 else sustained_matmul_rate(n))
     return {"copy_bandwidth_bytes_s": max(copies.values()), "copy_kinds_bytes_s": copies,
-            "matmul_flop_s": matmul_rate(n), "matmul_n": n, "copy_bytes": n_bytes}
+            "matmul_flop_s": matmul_rate(n), "sustained_matmul_flop_s": sustained, "matmul_n": n,
+            "copy_bytes": n_bytes}
 
 
 def decode_steps(args, params, config, dtype, bandwidth: float) -> list[dict]:
@@ -373,8 +380,11 @@ def run_jax(args) -> dict:
         if args.skip_offline:
             break
         try:
-            report["offline"] = run_offline(llm.engine, workload(args), ignore_eos=True,
-                                            max_seconds=args.offline_seconds)
+            with SmiSampler() as clocks:
+                report["offline"] = run_offline(llm.engine, workload(args), ignore_eos=True,
+                                                max_seconds=args.offline_seconds)
+            if clocks.samples:  # none without nvidia-smi
+                report["offline_gpu_clocks"] = summarize_clocks(clocks.samples)
             break
         except Exception as error:  # noqa: BLE001
             if "RESOURCE_EXHAUSTED" not in str(error):
@@ -388,11 +398,13 @@ def run_jax(args) -> dict:
             gc.collect()
     if not args.skip_offline:
         print_offline("offline random", report["offline"])
-        if not args.quantization:  # the floor takes the bf16 matmul rate
-            report["offline_floor"] = offline_floor(
-                config, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-                matmul_flop_s=report["roofline"]["matmul_flop_s"], copy_bytes_s=bw,
-                kv_itemsize=jnp.dtype(report["engine"]["kv_cache_dtype"]).itemsize)
+        if not args.quantization:  # the floor takes the bf16 matmul rate: burst, and sustained
+            for key, rate in (("offline_floor", "matmul_flop_s"),
+                              ("offline_floor_sustained", "sustained_matmul_flop_s")):
+                report[key] = offline_floor(
+                    config, num_prompts=args.num_prompts, input_len=args.input_len,
+                    output_len=args.output_len, matmul_flop_s=report["roofline"][rate], copy_bytes_s=bw,
+                    kv_itemsize=jnp.dtype(report["engine"]["kv_cache_dtype"]).itemsize)
     save()
     if args.compare_sync and not args.skip_offline and (args.deadline is None or time.time() < args.deadline):
         engine = llm.engine
@@ -747,7 +759,9 @@ def render_markdown(s: dict) -> str:
         kinds = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in r.get("copy_kinds_bytes_s", {}).items())
         lines += [f"Measured: copy bandwidth {r['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s "
                   f"(read + write of {r['copy_bytes'] / 2**30:.2f} GiB, the fastest of: {kinds}), "
-                  f"bf16 matmul {r['matmul_flop_s'] / 1e12:.0f} TFLOP/s ({r['matmul_n']}^3).", ""]
+                  f"bf16 matmul {r['matmul_flop_s'] / 1e12:.0f} TFLOP/s ({r['matmul_n']}^3)"
+                  + (f"; held for seconds, {r['sustained_matmul_flop_s'] / 1e12:.0f} TFLOP/s"
+                     if r.get("sustained_matmul_flop_s") else "") + ".", ""]
     if j.get("decode"):
         lines += [f"## Decode step at ctx {s['args']['context']} vs the floor", "",
                   "One step at a time (`runner.execute`, which waits for each step's sampled ids "
@@ -824,6 +838,19 @@ def render_markdown(s: dict) -> str:
                       f"{floor['seconds']:.1f} s = {floor['output_tok_s']:.0f} output tok/s. This run took "
                       f"{o['duration_s']:.1f} s ({floor['seconds'] / o['duration_s']:.2f}x the floor's speed); "
                       f"5800 output tok/s needs {output / 5800:.1f} s."]
+        held = j.get("offline_floor_sustained")
+        if held and not o.get("truncated"):
+            lines += ["", f"At the matmul rate the card holds for seconds "
+                      f"({j['roofline']['sustained_matmul_flop_s'] / 1e12:.0f} TFLOP/s), the matmuls and "
+                      f"attention alone take {held['matmul_seconds']:.1f} s and the floor is "
+                      f"{held['seconds']:.1f} s = {held['output_tok_s']:.0f} output tok/s "
+                      f"({held['seconds'] / o['duration_s']:.2f}x the run's speed)."]
+        clocks = j.get("offline_gpu_clocks")
+        if clocks:
+            lines += ["", f"During the run (nvidia-smi, {clocks['samples']} samples): SM clock "
+                      f"{clocks['sm_mhz']:.0f} of {clocks['max_sm_mhz']:.0f} MHz, power {clocks['power_w']:.0f} "
+                      f"of {clocks['power_limit_w']:.0f} W, held by the power cap in "
+                      f"{clocks['power_capped_fraction']:.0%} of the samples."]
         if s.get("speedup_vs_transformers"):
             lines.append(f"jaxpaged / transformers: {s['speedup_vs_transformers']:.2f}x.")
         lines += ["", f"Per engine step ({o['num_steps']} steps): {o['mean_step_ms']:.1f} ms = "

@@ -273,6 +273,12 @@ def test_h100_llama8b_smoke(tmp_path, capsys):
         assert section in markdown
     floor = report["offline_floor"]  # its counts are checked in test_offline_floor_of_the_8b_workload
     assert floor["matmul_seconds"] > 0 and floor["kv_read_seconds"] > 0
+    # the same flops at the held matmul rate instead of the burst's
+    held, rates = report["offline_floor_sustained"], report["roofline"]
+    assert held["kv_read_seconds"] == floor["kv_read_seconds"]
+    assert math.isclose(held["matmul_seconds"] * rates["sustained_matmul_flop_s"],
+                        floor["matmul_seconds"] * rates["matmul_flop_s"], rel_tol=1e-9)
+    assert "offline_gpu_clocks" not in report  # no nvidia-smi on the CPU: nothing made up
 
 
 def test_offline_floor_of_the_8b_workload():
@@ -490,3 +496,21 @@ def test_gemm_rates_smoke(tmp_path):
     assert all(row[name]["us"] > 0 for row in report["mlp"] for name in gemm_rates.MLP_OPTIONS)
     assert [run["windows"] for run in report["sustained"]] and all(
         run["best_tflop_s"] > 0 for run in report["sustained"])
+
+
+def test_gpu_clocks_parse_and_summarize():
+    """nvidia-smi lines as the sampler reads them, summarized by hand: two of three samples held
+    by the power cap (bit 0x4, alone or with others), one not."""
+    import gpu_clocks
+
+    lines = ["1410, 1980, 697.50, 700.00, 70, 0x0000000000000004",
+             "1980, 1980, 300.00, 700.00, 60, 0x0000000000000000",
+             "1320, 1980, 700.50, 700.00, 74, 0x0000000000000084"]
+    samples = [gpu_clocks.parse_line(line, t) for t, line in enumerate(lines)]
+    assert samples[0] == {"t": 0, "sm_mhz": 1410.0, "max_sm_mhz": 1980.0, "power_w": 697.5,
+                          "power_limit_w": 700.0, "temp_c": 70.0, "reasons": "0x0000000000000004"}
+    assert gpu_clocks.parse_line("[N/A], 1980", 0) is None  # not the six fields asked for
+    summary = gpu_clocks.summarize(samples)
+    assert summary["samples"] == 3 and summary["sm_mhz"] == 1570.0 and summary["power_w"] == 566.0
+    assert summary["power_capped_fraction"] == 2 / 3
+    assert gpu_clocks.summarize([]) == {}

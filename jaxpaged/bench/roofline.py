@@ -97,6 +97,42 @@ def matmul_rate(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n ** 3 / seconds
 
 
+def rate_windows(fn, work_per_call: float, seconds: float, window: float) -> list[dict]:
+    """Calls `fn()` (which enqueues work and returns its output without waiting) back to back
+    for `seconds`, waiting once per `window` seconds: each window's start and end
+    (`time.perf_counter`) and its rate, `work_per_call` per call over the window's wall time."""
+    fn().block_until_ready()
+    windows, begin = [], time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        start, calls, out = time.perf_counter(), 0, None
+        while time.perf_counter() - start < window:
+            out = fn()
+            calls += 1
+        out.block_until_ready()
+        end = time.perf_counter()
+        windows.append({"start": start, "end": end, "rate": calls * work_per_call / (end - start)})
+    return windows
+
+
+def sustained_matmul_rate(n: int = 8192, seconds: float = 6.0, window: float = 0.5) -> float:
+    """bf16 FLOP per second of n x n x n matmuls run back to back for `seconds`: the mean rate
+    of the second half's windows.
+
+    The burst rate (`matmul_rate`) is what the GPU does at its boost clock. Long GEMM work holds
+    an H100 at its 700 W power cap instead, where 8192^3 matmuls ran at 696 TFLOP/s against
+    805 in a burst, the SM clock at ~1,400 of 1,980 MHz, and the 8B offline run sat at the cap
+    throughout (benchmarks/results/h100_session25.md). The cap set in within the first second;
+    the first half is left out all the same."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
+    matmul = jax.jit(jnp.dot)
+    windows = rate_windows(lambda: matmul(a, b), 2 * n ** 3, seconds, window)
+    late = windows[len(windows) // 2:]
+    return float(sum(w["rate"] for w in late) / len(late))
+
+
 def default_page_size() -> int:
     """The engine's default page size on this machine's devices (`EngineConfig.page_size`
     unset), so benchmarks that build a runner themselves time what the engine would run."""
