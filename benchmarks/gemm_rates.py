@@ -7,8 +7,9 @@ from that rate, and whether the card holds it for as long as an offline run last
 - burst: each linear of Llama-3.1-8B (q/k/v, o, gate/up, down) at the given row counts, with
   the weight stored [in, out] (as the model stores it) and [out, in], and gate/up also as two
   separate weights; the best of a few back-to-back samples, as `roofline.matmul_rate` times;
-- the MLP: the model's SwiGLU MLP compiled as it is, with XLA's cuBLAS fallback off (Triton
-  GEMMs, which may take SiLU x up into the down GEMM), and with XLA's Triton GEMMs off;
+- the MLP: the model's SwiGLU MLP compiled as it is, with XLA's cuBLAS fallback off (to see
+  whether Triton GEMMs would take SiLU x up into the down GEMM; on the H100 XLA kept cuBLAS
+  and a separate SiLU x up under every option), and with XLA's Triton GEMMs off;
 - sustained: 8192^3 matmuls, then a chain of decoder-layer GEMMs (with SiLU x up between
   gate/up and down, as the model runs them), each back to back for `--seconds`, timed in
   windows, with the SM clock, power and throttle reasons sampled by `nvidia-smi` meanwhile.
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_clocks
 from gpu_clocks import SmiSampler, summarize  # noqa: E402
 
 HIDDEN, INTERMEDIATE, QKV = 4096, 14336, 6144  # Llama-3.1-8B
+
 
 def in_out(x, w):
     """The model's layout: x [T, in] times w [in, out]."""

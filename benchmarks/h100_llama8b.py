@@ -843,8 +843,8 @@ def render_markdown(s: dict) -> str:
             lines += ["", f"At the matmul rate the card holds for seconds "
                       f"({j['roofline']['sustained_matmul_flop_s'] / 1e12:.0f} TFLOP/s), the matmuls and "
                       f"attention alone take {held['matmul_seconds']:.1f} s and the floor is "
-                      f"{held['seconds']:.1f} s = {held['output_tok_s']:.0f} output tok/s "
-                      f"({held['seconds'] / o['duration_s']:.2f}x the run's speed)."]
+                      f"{held['seconds']:.1f} s = {held['output_tok_s']:.0f} output tok/s (this run: "
+                      f"{held['seconds'] / o['duration_s']:.2f}x the floor's speed)."]
         clocks = j.get("offline_gpu_clocks")
         if clocks:
             lines += ["", f"During the run (nvidia-smi, {clocks['samples']} samples): SM clock "
