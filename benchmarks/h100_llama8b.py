@@ -187,10 +187,11 @@ def roofline(smoke: bool) -> dict:
     n_bytes = (64 << 20) if smoke else (2 << 30)
     n = 1024 if smoke else 8192
     copies = copy_bandwidths(n_bytes)
+    burst = matmul_rate(n)  # first: right after seconds at the power cap, a burst reads low
     sustained = (sustained_matmul_rate(n, seconds=0.2, window=0.05) if smoke
                  else sustained_matmul_rate(n))
     return {"copy_bandwidth_bytes_s": max(copies.values()), "copy_kinds_bytes_s": copies,
-            "matmul_flop_s": matmul_rate(n), "sustained_matmul_flop_s": sustained, "matmul_n": n,
+            "matmul_flop_s": burst, "sustained_matmul_flop_s": sustained, "matmul_n": n,
             "copy_bytes": n_bytes}
 
 
