@@ -85,16 +85,21 @@ def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 10) -> float:
     return max(copy_bandwidths(num_bytes, repeats).values())
 
 
-def matmul_rate(n: int = 8192, repeats: int = 10) -> float:
-    """bf16 FLOP per second of one n x n x n matmul (the best of `repeats` samples of
-    back-to-back matmuls, after a warm-up)."""
+def square_matmul(n: int, dtype="bfloat16"):
+    """A function that enqueues one n x n x n matmul of two random arrays and returns its
+    output without waiting (what the matmul rates time)."""
     import jax
     import jax.numpy as jnp
 
-    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.dtype(dtype)) for i in (1, 2))
     matmul = jax.jit(jnp.dot)
-    seconds = ceiling_seconds(lambda: matmul(a, b), repeats)
-    return 2 * n ** 3 / seconds
+    return lambda: matmul(a, b)
+
+
+def matmul_rate(n: int = 8192, repeats: int = 10) -> float:
+    """bf16 FLOP per second of one n x n x n matmul (the best of `repeats` samples of
+    back-to-back matmuls, after a warm-up)."""
+    return 2 * n ** 3 / ceiling_seconds(square_matmul(n), repeats)
 
 
 def rate_windows(fn, work_per_call: float, seconds: float, window: float) -> list[dict]:
@@ -123,12 +128,7 @@ def sustained_matmul_rate(n: int = 8192, seconds: float = 6.0, window: float = 0
     805 in a burst, the SM clock at ~1,400 of 1,980 MHz, and the 8B offline run sat at the cap
     throughout (benchmarks/results/h100_session25.md). The cap set in within the first second;
     the first half is left out all the same."""
-    import jax
-    import jax.numpy as jnp
-
-    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
-    matmul = jax.jit(jnp.dot)
-    windows = rate_windows(lambda: matmul(a, b), 2 * n ** 3, seconds, window)
+    windows = rate_windows(square_matmul(n), 2 * n ** 3, seconds, window)
     late = windows[len(windows) // 2:]
     return float(sum(w["rate"] for w in late) / len(late))
 
