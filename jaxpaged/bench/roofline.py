@@ -124,10 +124,10 @@ def sustained_matmul_rate(n: int = 8192, seconds: float = 6.0, window: float = 0
     of the second half's windows.
 
     The burst rate (`matmul_rate`) is what the GPU does at its boost clock. Long GEMM work holds
-    an H100 at its 700 W power cap instead, where 8192^3 matmuls ran at 696 TFLOP/s against
-    805 in a burst, the SM clock at ~1,400 of 1,980 MHz, and the 8B offline run sat at the cap
-    throughout (benchmarks/results/h100_session25.md). The cap set in within the first second;
-    the first half is left out all the same."""
+    an H100 at its 700 W power cap instead: there 8192^3 matmuls ran at 695 TFLOP/s against 805
+    in a burst, the SM clock at ~1,360 of 1,980 MHz, and the 8B offline run was at the cap in
+    96-99% of nvidia-smi's samples (benchmarks/results/h100_session25.md). The cap set in within
+    the first half-second window; the first half is left out all the same."""
     windows = rate_windows(square_matmul(n), 2 * n ** 3, seconds, window)
     late = windows[len(windows) // 2:]
     return float(sum(w["rate"] for w in late) / len(late))
